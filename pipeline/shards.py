@@ -1,0 +1,202 @@
+"""The shard format (version 1, ../shared/DESIGN.md): writing and reading.
+
+A shard is a plain POSIX (ustar) tar; the members of one sample are
+`<key>.jpg`, `<key>.cls`, `<key>.json`, adjacent. Beside each tar is the DALI
+index (`.idx`, the format of DALI's wds2idx: a header `v1.2 <samples>`, then a
+line per sample of `<ext> <data offset> <size> <member name>` groups). The shard
+directory is described by `dataset.json`, written last.
+
+This module imports neither DALI nor torch: tools, the pipeline and tests share it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+MANIFEST = "dataset.json"
+PCA_FILE = "pca.json"
+INDEX_VERSION = "v1.2"
+TAR_BLOCK = 512
+MEMBER_EXTS = ("jpg", "cls", "json")  # the order of a sample's members in the tar
+# Fixed tar metadata, so the same samples always give byte-identical tars.
+_MTIME = 0
+
+
+class ShardError(Exception):
+    """A shard directory or shard that does not match its contract; names the file."""
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One sample of a shard: its key and where each member's bytes lie in the tar."""
+    key: str
+    members: tuple[tuple[str, int, int], ...]  # (ext, data offset, size)
+
+    def line(self) -> str:
+        return " ".join(f"{ext} {off} {size} {self.key}.{ext}" for ext, off, size in self.members)
+
+    def member(self, ext: str) -> tuple[int, int]:
+        for e, off, size in self.members:
+            if e == ext:
+                return off, size
+        raise KeyError(ext)
+
+
+def pack_sample(key: str, jpg: bytes, label: int, meta: dict) -> tuple[bytes, tuple]:
+    """The tar members of one sample as bytes, and (ext, data offset, size) relative to them.
+
+    ustar members do not depend on where they sit in the archive, so workers can
+    pack samples and the shard writer only concatenates (cheap in the main process).
+    """
+    parts, members, at = [], [], 0
+    for ext, data in zip(MEMBER_EXTS, (jpg, str(label).encode(), json_bytes(meta))):
+        name = f"{key}.{ext}"
+        if len(name.encode()) >= 100:
+            raise ValueError(f"member name {name!r} too long for a ustar header")
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")  # one 512-byte block
+        pad = -len(data) % TAR_BLOCK
+        parts += [header, data, b"\0" * pad]
+        members.append((ext, at + len(header), len(data)))
+        at += len(header) + len(data) + pad
+    return b"".join(parts), tuple(members)
+
+
+class ShardWriter:
+    """Builds one shard in memory (a shard is tens of MB), then writes it atomically."""
+
+    def __init__(self):
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._sha = hashlib.sha256()
+        self.entries: list[IndexEntry] = []
+
+    def add(self, key: str, jpg: bytes, label: int, meta: dict) -> None:
+        self.add_packed(key, *pack_sample(key, jpg, label, meta))
+
+    def add_packed(self, key: str, blob: bytes, members: tuple) -> None:
+        self.entries.append(IndexEntry(key, tuple((e, self._size + off, n) for e, off, n in members)))
+        self._parts.append(blob)
+        self._sha.update(blob)
+        self._size += len(blob)
+
+    def index_text(self) -> str:
+        return index_text(self.entries)
+
+    def finish(self, tar_path: str) -> dict:
+        """Write `<tar_path>` and its `.idx` (each to a temporary name, then renamed)."""
+        # End of archive: two zero blocks, then zeros up to a whole 20-block record (as tar and tarfile do).
+        end = 2 * TAR_BLOCK
+        end += -(self._size + end) % (20 * TAR_BLOCK)
+        self._parts.append(b"\0" * end)
+        self._sha.update(self._parts[-1])
+        self._size += end
+        atomic_write(index_name(tar_path), self.index_text().encode())
+        atomic_write(tar_path, b"".join(self._parts))  # the tar last: a tar on disk implies its index
+        return {"file": os.path.basename(tar_path), "samples": len(self.entries), "bytes": self._size,
+                "sha256": self._sha.hexdigest()}
+
+
+def index_text(entries) -> str:
+    return f"{INDEX_VERSION} {len(entries)}\n" + "".join(e.line() + "\n" for e in entries)
+
+
+def read_index(path: str) -> list[IndexEntry]:
+    try:
+        with open(path) as f:
+            header = f.readline().split()
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read index ({e.strerror})") from None
+    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit() or int(header[1]) != len(lines):
+        raise ShardError(f"{path}: not a DALI webdataset index ({INDEX_VERSION} header and one line per sample)")
+    entries = []
+    for n, line in enumerate(lines, 2):
+        parts = line.split()
+        if not parts or len(parts) % 4:
+            raise ShardError(f"{path}:{n}: expected groups of '<ext> <offset> <size> <name>'")
+        members = tuple((parts[i], int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4))
+        entries.append(IndexEntry(parts[3].rsplit(".", 1)[0], members))
+    return entries
+
+
+def json_bytes(obj) -> bytes:
+    """Canonical JSON: sorted keys, no spaces that vary, so files are byte-identical across runs."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to `<path>.tmp-<pid>`, fsync, rename: a reader never sees a partial file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(shards_dir: str) -> dict:
+    path = os.path.join(shards_dir, MANIFEST)
+    if not os.path.isdir(shards_dir):
+        raise ShardError(f"{shards_dir}: no such shard directory")
+    if not os.path.exists(path):
+        raise ShardError(f"{path}: missing: {shards_dir} is not a finished shard directory "
+                         "(make_shards writes dataset.json last; rerun it to finish)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def split_shards(manifest: dict, shards_dir: str, split: str) -> list[dict]:
+    """The manifest's shard records of a split, with `path` and `index` filled in."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ShardError(f"{os.path.join(shards_dir, MANIFEST)}: has no split {split!r} (has {sorted(splits)})")
+    return [dict(s, path=os.path.join(shards_dir, s["file"]), index=os.path.join(shards_dir, index_name(s["file"])))
+            for s in splits[split]["shards"]]
+
+
+def iter_tar_samples(path: str):
+    """(key, {ext: bytes}) for each sample of a shard, in tar order; ShardError on a bad tar."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k, _, ext = m.name.partition(".")
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample[ext] = tf.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{path}: unreadable or truncated tar ({e})") from None
+    if key is not None:
+        yield key, sample

@@ -1,0 +1,51 @@
+"""Shared fixtures: small generated ImageNet-like sources and the shards made from them.
+
+Session-scoped, so the suite generates each dataset once (a few seconds in all).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tools import make_sample_data, make_shards
+
+# Small but with every quirk: 5 classes cover the PNG, CMYK, grayscale, tiny and
+# panorama files of make_sample_data.quirk_for.
+SMALL = dict(classes=5, train_per_class=8, val_per_class=4, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory):
+    """{layout: (root, truth)} for all three layouts, same images in each."""
+    out = {}
+    for layout in make_sample_data.LAYOUTS:
+        root = str(tmp_path_factory.mktemp(f"src_{layout}"))
+        out[layout] = (root, make_sample_data.generate(root, layout, **SMALL))
+    return out
+
+
+def build_shards(src: str, out: str, *extra: str) -> int:
+    return make_shards.main([src, out, "--workers", "2", *extra])
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """A shard directory of 10 classes (60 train, 20 val images each) with pca.json."""
+    root = str(tmp_path_factory.mktemp("src_shards"))
+    make_sample_data.generate(root, "folder", classes=10, train_per_class=60, val_per_class=20, seed=1)
+    out = str(tmp_path_factory.mktemp("shards") / "sample")
+    assert build_shards(root, out, "--shard-samples", "64") == 0
+    from tools import compute_pca
+    assert compute_pca.main([out, "--workers", "2"]) == 0
+    return out

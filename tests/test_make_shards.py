@@ -1,0 +1,311 @@
+"""tools/make_shards.py and tools/verify_shards.py on generated sample data (CPU, seconds)."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SMALL, build_shards
+from pipeline.shards import iter_tar_samples, load_manifest, read_index
+from tools import make_sample_data, make_shards, verify_shards
+from tools.imagenet_source import SourceError, open_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def all_samples(out: str, split: str):
+    m = load_manifest(out)
+    for shard in m["splits"][split]["shards"]:
+        yield from iter_tar_samples(os.path.join(out, shard["file"]))
+
+
+@pytest.fixture(scope="module")
+def made(sources, tmp_path_factory):
+    """Shards from every layout: {layout: OUT}."""
+    out = {}
+    for layout, (root, _) in sources.items():
+        d = str(tmp_path_factory.mktemp(f"made_{layout}") / "out")
+        assert build_shards(root, d, "--shard-samples", "16") == 0
+        out[layout] = d
+    return out
+
+
+@pytest.mark.parametrize("layout", make_sample_data.LAYOUTS)
+def test_every_layout_labels_match_truth(made, sources, layout):
+    _, truth = sources[layout]
+    m = load_manifest(made[layout])
+    wnids = [c["wnid"] for c in m["classes"]]
+    assert wnids == sorted(w for w, _ in truth["classes"])
+    assert [c["name"] for c in m["classes"]][:1] != [] and m["source"]["layout"] == layout
+    for split in ("train", "val"):
+        seen = {}
+        for key, s in all_samples(made[layout], split):
+            label = int(s["cls"])
+            seen[key] = wnids[label]
+            assert json.loads(s["json"])["wnid"] == wnids[label]
+        assert seen == truth[split], f"{layout} {split} labels differ from the generator's truth"
+
+
+def test_devkit_ids_are_not_sorted_order(sources):
+    """The tars layout's meta.mat must number classes out of wnid order (as the real one does),
+    so the label test above proves the mapping goes through meta.mat."""
+    import scipy.io
+    root, _ = sources["tars"]
+    with tarfile.open(os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")) as tf:
+        meta = tf.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()
+    syn = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    leaves = sorted((str(s["WNID"]), int(s["ILSVRC2012_ID"])) for s in syn if int(s["num_children"]) == 0)
+    assert [i for _, i in leaves] != sorted(i for _, i in leaves)
+    assert len(syn) > len(leaves)  # non-leaf synsets are present and must be ignored
+
+
+def test_layouts_give_identical_images(made):
+    for split in ("train", "val"):
+        ref = [(k, s["jpg"], s["cls"]) for k, s in all_samples(made["folder"], split)]
+        for layout in ("kaggle", "tars"):
+            assert [(k, s["jpg"], s["cls"]) for k, s in all_samples(made[layout], split)] == ref
+
+
+def test_format_contract(made):
+    out = made["tars"]
+    m = load_manifest(out)
+    for field in ("format_version", "classes", "splits", "preprocessing", "seed", "skipped", "command"):
+        assert field in m
+    assert m["preprocessing"] == {**m["preprocessing"], "size": 256, "crop": "center", "quality": 90,
+                                  "keep_aspect": False}
+    n_train = SMALL["classes"] * SMALL["train_per_class"]
+    assert m["splits"]["train"]["samples"] == n_train
+    assert [s["file"] for s in m["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(3)]
+    for shard in m["splits"]["train"]["shards"]:
+        path = os.path.join(out, shard["file"])
+        with tarfile.open(path) as tf:
+            names = tf.getnames()
+            assert all(mem.mtime == 0 and mem.uid == 0 for mem in tf.getmembers())
+        # members adjacent, in jpg/cls/json order, keys without dots
+        keys = [n.split(".")[0] for n in names]
+        assert names == [f"{k}.{e}" for k in keys[::3] for e in ("jpg", "cls", "json")]
+        # the index is what DALI's own wds2idx writes
+        ref = str(path) + ".ref.idx"
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "wds2idx"), path, ref],
+                       check=True, capture_output=True)
+        assert open(ref).read() == open(path[:-4] + ".idx").read()
+        os.remove(ref)
+    # val keeps source order; train is shuffled (not in class order)
+    val_keys = [k for k, _ in all_samples(out, "val")]
+    assert val_keys == sorted(val_keys)
+    train_labels = [int(s["cls"]) for _, s in all_samples(out, "train")]
+    assert train_labels != sorted(train_labels)
+    assert len(set(train_labels[:16])) >= 3  # the first shard draws from many classes
+
+
+def test_quirk_files_become_rgb_256_jpegs(made, sources):
+    _, truth = sources["folder"]
+    out = made["folder"]
+    samples = dict(all_samples(out, "train")) | dict(all_samples(out, "val"))
+    # PNG named .JPEG, CMYK, grayscale, 150x100, 1200x160 (make_sample_data.quirk_for)
+    quirky = ["n91000000_1000", "n91000001_1000", "n91000001_1007", "n91000002_1000", "n91000003_1000",
+              "n91000004_1000"]
+    for key in quirky:
+        img = Image.open(io.BytesIO(samples[key]["jpg"]))
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (256, 256)), key
+        assert "progressive" not in img.info  # baseline
+    assert json.loads(samples["n91000003_1000"]["json"])["orig_size"] == [150, 100]
+    assert json.loads(samples["n91000004_1000"]["json"])["orig_size"] == [1200, 160]
+    # the sources really were those quirks
+    src = open_source(sources["folder"][0])
+    by_key = {s.key: s for s in src.splits["train"]}
+    modes = {k: (Image.open(io.BytesIO(by_key[k].read())).format, Image.open(io.BytesIO(by_key[k].read())).mode)
+             for k in quirky[:4]}
+    assert modes == {"n91000000_1000": ("PNG", "RGB"), "n91000001_1000": ("JPEG", "CMYK"),
+                     "n91000001_1007": ("JPEG", "CMYK"), "n91000002_1000": ("JPEG", "L")}
+    assert verify_shards.verify(out) == []
+
+
+def test_keep_aspect(sources, tmp_path):
+    root, _ = sources["folder"]
+    out = str(tmp_path / "ka")
+    assert build_shards(root, out, "--keep-aspect", "--splits", "val") == 0
+    sizes = [Image.open(io.BytesIO(s["jpg"])).size for _, s in all_samples(out, "val")]
+    assert all(min(sz) == 256 for sz in sizes) and any(max(sz) > 256 for sz in sizes)
+    assert load_manifest(out)["preprocessing"]["keep_aspect"] is True
+    assert verify_shards.verify(out) == []
+
+
+def test_byte_identical_whatever_the_workers(sources, tmp_path):
+    root, _ = sources["tars"]
+    a, b = tmp_path / "w1" / "out", tmp_path / "w2" / "out"
+    assert make_shards.main([root, str(a), "--workers", "1", "--shard-samples", "16"]) == 0
+    assert make_shards.main([root, str(b), "--workers", "2", "--shard-samples", "16"]) == 0
+    files = sorted(os.listdir(a))
+    assert files == sorted(os.listdir(b)) and "dataset.json" in files
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_seed_changes_the_shuffle(sources, tmp_path):
+    root, _ = sources["folder"]
+    assert build_shards(root, str(tmp_path / "s1"), "--splits", "train", "--seed", "1") == 0
+    assert build_shards(root, str(tmp_path / "s2"), "--splits", "train", "--seed", "2") == 0
+    k1 = [k for k, _ in all_samples(str(tmp_path / "s1"), "train")]
+    k2 = [k for k, _ in all_samples(str(tmp_path / "s2"), "train")]
+    assert sorted(k1) == sorted(k2) and k1 != k2
+
+
+def _copy_source(sources, tmp_path, layout="folder"):
+    root = str(tmp_path / "src")
+    shutil.copytree(sources[layout][0], root)
+    return root
+
+
+def test_truncated_image_fails_naming_it(sources, tmp_path, capsys):
+    root = _copy_source(sources, tmp_path)
+    bad = os.path.join(root, "train", "n91000003", "n91000003_1007.JPEG")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2])
+    out = str(tmp_path / "out")
+    assert build_shards(root, out) == 1
+    err = capsys.readouterr().err
+    assert bad in err and "cannot decode" in err
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    # with --allow-skips the file is listed, not dropped silently
+    assert build_shards(root, out, "--allow-skips") == 0
+    m = load_manifest(out)
+    assert [s["source"] for s in m["skipped"]] == ["train/n91000003/n91000003_1007.JPEG"]
+    assert m["splits"]["train"]["samples"] == SMALL["classes"] * SMALL["train_per_class"] - 1
+    assert verify_shards.verify(out) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown", "empty_class", "kaggle_gt", "devkit_gt", "complete_out"])
+def test_bad_input_one_line_error(sources, tmp_path, capsys, case):
+    out = str(tmp_path / "out")
+    if case == "missing":
+        root, needle = str(tmp_path / "nope"), "no such directory"
+    elif case == "unknown":
+        root = str(tmp_path / "empty")
+        os.makedirs(root)
+        needle = "unknown layout"
+    elif case == "empty_class":
+        root = _copy_source(sources, tmp_path)
+        os.makedirs(os.path.join(root, "train", "n91000099"))
+        needle = "empty class folder"
+    elif case == "kaggle_gt":
+        root = _copy_source(sources, tmp_path, "kaggle")
+        csv_path = os.path.join(root, "LOC_val_solution.csv")
+        lines = open(csv_path).read().splitlines()
+        open(csv_path, "w").write("\n".join(lines[:-1]) + "\n")
+        needle = "no label for 1 val file"
+    elif case == "devkit_gt":
+        root = _copy_source(sources, tmp_path, "tars")
+        dk = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
+        with tarfile.open(dk) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf}
+        gt = "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"
+        members[gt] = b"\n".join(members[gt].split(b"\n")[:-3]) + b"\n"
+        with tarfile.open(dk, "w:gz") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        needle = "validation ground truth has"
+    else:
+        root = sources["folder"][0]
+        assert build_shards(root, out, "--splits", "val") == 0
+        capsys.readouterr()
+        needle = "already complete"
+    rc = build_shards(root, out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and needle in err[0], err
+    if case != "complete_out":
+        assert not os.path.exists(os.path.join(out, "dataset.json"))
+
+
+def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(sources, tmp_path):
+    root, _ = sources["folder"]
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
+           "--workers", "1", "--shard-samples", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(glob.glob(os.path.join(out, "train-*.tar"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    n_before = len(glob.glob(os.path.join(out, "train-*.tar")))
+    assert 3 <= n_before < SMALL["classes"] * SMALL["train_per_class"] // 2, "kill came too late to test anything"
+    # every tar that exists is complete: it reads to the end and its index matches
+    for tar in glob.glob(os.path.join(out, "*.tar")):
+        assert len(list(iter_tar_samples(tar))) == len(read_index(tar[:-4] + ".idx")) == 2
+    # the rerun finishes the job, and the result equals an uninterrupted run's
+    assert subprocess.run(cmd, capture_output=True, cwd=REPO).returncode == 0
+    ref = str(tmp_path / "ref" / "out")
+    assert subprocess.run(cmd[:3] + [ref] + cmd[4:], capture_output=True, cwd=REPO).returncode == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+    for f in os.listdir(ref):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(ref, f), "rb").read(), f
+    # other options into an unfinished directory are refused
+    os.remove(os.path.join(out, "dataset.json"))
+    open(os.path.join(out, "_progress.jsonl"), "w").write('{"options": {}, "source": "x"}\n')
+    r = subprocess.run(cmd + ["--quality", "50"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "unfinished run with other options" in r.stderr
+
+
+def test_verify_reports_problems(made, tmp_path):
+    out = str(tmp_path / "bad")
+    shutil.copytree(made["folder"], out)
+    with open(os.path.join(out, "train-000001.tar"), "r+b") as f:
+        f.seek(3000)
+        f.write(b"garbage")
+    os.remove(os.path.join(out, "val-000000.idx"))
+    problems = verify_shards.verify(out)
+    assert any("train-000001.tar: size or sha256 differs" in p for p in problems)
+    assert any("val-000000.idx: missing" in p for p in problems)
+    assert verify_shards.verify(str(tmp_path / "nothing"))[0].endswith("no such shard directory")
+
+
+def test_source_reader_reads_tars_in_place(sources):
+    root, truth = sources["tars"]
+    src = open_source(root)
+    s = src.splits["train"][0]
+    assert s.path.endswith("ILSVRC2012_img_train.tar") and s.size > 0
+    assert Image.open(io.BytesIO(s.read())).size[0] > 0
+    assert not any(n.endswith(".JPEG") for n in os.listdir(root))  # nothing was extracted
+    with pytest.raises(SourceError, match="unknown layout 'x'"):
+        open_source(root, layout="x")
+
+
+def test_dali_and_webdataset_read_the_shards(made):
+    out = made["folder"]
+    m = load_manifest(out)
+    paths = [os.path.join(out, s["file"]) for s in m["splits"]["val"]["shards"]]
+    expected = [(k, int(s["cls"])) for k, s in all_samples(out, "val")]
+
+    import webdataset as wds
+    ds = wds.WebDataset(paths, shardshuffle=False).decode("rgb8").to_tuple("__key__", "jpg", "cls")
+    got = [(k, c) for k, img, c in ds]
+    assert got == expected
+    assert next(iter(ds))[1].shape == (256, 256, 3)
+
+    from nvidia.dali import fn, pipeline_def
+    @pipeline_def(batch_size=len(expected), num_threads=1, device_id=None)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths],
+                                         ext=["jpg", "cls"], missing_component_behavior="error")
+        return fn.decoders.image(jpg, device="cpu"), cls
+    p = pipe()
+    p.build()
+    imgs, cls = p.run()
+    assert [int(bytes(np.array(cls[i]))) for i in range(len(expected))] == [c for _, c in expected]
+    assert np.array(imgs[0]).shape == (256, 256, 3)

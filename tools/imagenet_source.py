@@ -1,0 +1,332 @@
+"""Find the samples of an ILSVRC-2012 source tree, in any of its common layouts.
+
+Every layout comes down to the same thing: a list of classes (sorted wnids, with
+names where the layout carries them) and, per split, a list of `SourceSample`s,
+each of which says where its bytes are: a file, or a byte range inside a tar
+(the original downloads are read in place, never extracted to disk).
+
+Layouts (../shared/DESIGN.md):
+  folder  SRC/train/<wnid>/*.JPEG, SRC/val/<wnid>/*.JPEG
+  kaggle  SRC/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, SRC/LOC_val_solution.csv,
+          SRC/LOC_synset_mapping.txt
+  tars    SRC/ILSVRC2012_img_train.tar (a tar per class), SRC/ILSVRC2012_img_val.tar,
+          SRC/ILSVRC2012_devkit_t12.tar.gz (data/meta.mat, validation ground truth)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+LAYOUTS = ("folder", "kaggle", "tars")
+IMAGE_EXTS = (".jpeg", ".jpg", ".png")
+TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+KAGGLE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
+WNID = re.compile(r"^n\d{8}$")
+
+
+class SourceError(Exception):
+    """Bad source tree: the message names the path and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)  # slots: 1.28M of these stay small
+class SourceSample:
+    key: str     # file stem, unique within its split, no dots (the shard key)
+    wnid: str
+    source: str  # where it came from, relative to SRC (tar members as tar/member)
+    path: str    # the file that holds the bytes
+    offset: int = 0   # byte offset of the image data in `path`
+    size: int = -1    # bytes to read; -1 = the whole file
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.size < 0:
+                return f.read()
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.source}: tar member cut short ({len(data)} of {self.size} bytes)")
+        return data
+
+
+@dataclass
+class Source:
+    root: str
+    layout: str
+    classes: list[tuple[str, str]]             # (wnid, name), sorted by wnid: index = position
+    splits: dict[str, list[SourceSample]] = field(default_factory=dict)
+
+    def label(self, wnid: str) -> int:
+        return self._index[wnid]
+
+    def __post_init__(self):
+        self._index = {w: i for i, (w, _) in enumerate(self.classes)}
+
+
+def detect_layout(root: str) -> str:
+    if not os.path.isdir(root):
+        raise SourceError(f"{root}: no such directory")
+    if os.path.exists(os.path.join(root, TRAIN_TAR)) or os.path.exists(os.path.join(root, VAL_TAR)):
+        return "tars"
+    if os.path.isdir(os.path.join(root, KAGGLE_ROOT)):
+        return "kaggle"
+    if os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "val")):
+        return "folder"
+    raise SourceError(f"{root}: unknown layout: expected train/ and val/ class folders, "
+                      f"{KAGGLE_ROOT}/ (Kaggle), or {TRAIN_TAR} / {VAL_TAR} (original downloads)")
+
+
+def open_source(root: str, splits=("train", "val"), layout: str = "auto") -> Source:
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout not in LAYOUTS:
+        raise SourceError(f"{root}: unknown layout {layout!r}")
+    reader = {"folder": _read_folder, "kaggle": _read_kaggle, "tars": _read_tars}[layout]
+    src = reader(root, tuple(splits))
+    # One canonical order per split, whatever the layout, tar member order or file
+    # system listing: the same images then give the same shards from any layout.
+    if "train" in src.splits:
+        src.splits["train"].sort(key=lambda s: (s.wnid, s.key))
+    if "val" in src.splits:  # ILSVRC2012_val_<n> order
+        src.splits["val"].sort(key=lambda s: s.key)
+    for split, samples in src.splits.items():
+        _check_keys(root, split, samples)
+        for s in samples:
+            if s.wnid not in src._index:
+                raise SourceError(f"{os.path.join(root, s.source)}: class {s.wnid} is not among the {len(src.classes)} classes")
+    return src
+
+
+def _stem(name: str) -> str:
+    base = os.path.basename(name)
+    return base[: base.rfind(".")] if "." in base else base
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS)
+
+
+def _check_keys(root: str, split: str, samples: list[SourceSample]) -> None:
+    seen: dict[str, str] = {}
+    for s in samples:
+        if "." in s.key or "/" in s.key or not s.key:
+            raise SourceError(f"{os.path.join(root, s.source)}: file stem {s.key!r} cannot be a shard key (no dots allowed)")
+        if s.key in seen:
+            raise SourceError(f"{os.path.join(root, s.source)}: same stem as {seen[s.key]} in split {split}")
+        seen[s.key] = s.source
+
+
+def _list_class_dirs(root: str, split_dir: str) -> list[str]:
+    path = os.path.join(root, split_dir)
+    if not os.path.isdir(path):
+        raise SourceError(f"{path}: missing directory")
+    wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not wnids:
+        raise SourceError(f"{path}: no class folders")
+    return wnids
+
+
+def _files_in(root: str, rel_dir: str, wnid: str | None) -> list[SourceSample]:
+    d = os.path.join(root, rel_dir)
+    names = sorted(n for n in os.listdir(d) if _is_image(n))
+    if not names:
+        raise SourceError(f"{d}: no images (empty class folder)")
+    return [SourceSample(_stem(n), wnid or "", os.path.join(rel_dir, n), os.path.join(d, n)) for n in names]
+
+
+def _read_folder(root: str, splits) -> Source:
+    # The class list comes from train/ even when only val is wanted, so that the
+    # labels of a val-only run match those of the full one.
+    classes = _list_class_dirs(root, "train" if os.path.isdir(os.path.join(root, "train")) else "val")
+    out = {}
+    for split in splits:
+        wnids = _list_class_dirs(root, split)
+        extra = sorted(set(wnids) - set(classes))
+        if extra:
+            raise SourceError(f"{os.path.join(root, split, extra[0])}: class folder not in train/")
+        out[split] = [s for w in wnids for s in _files_in(root, os.path.join(split, w), w)]
+    names = _synset_names(os.path.join(root, "LOC_synset_mapping.txt"))
+    return Source(root, "folder", [(w, names.get(w, w)) for w in classes], out)
+
+
+def _synset_names(path: str) -> dict[str, str]:
+    if not os.path.exists(path):
+        return {}
+    names = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            wnid, _, name = line.strip().partition(" ")
+            if not WNID.match(wnid):
+                raise SourceError(f"{path}:{n}: expected '<wnid> <name>', got {line.strip()[:60]!r}")
+            names[wnid] = name or wnid
+    return names
+
+
+def _read_kaggle(root: str, splits) -> Source:
+    mapping = os.path.join(root, "LOC_synset_mapping.txt")
+    if not os.path.exists(mapping):
+        raise SourceError(f"{mapping}: missing (the Kaggle layout needs it for the class list)")
+    names = _synset_names(mapping)
+    classes = sorted(names)
+    out = {}
+    if "train" in splits:
+        wnids = _list_class_dirs(root, os.path.join(KAGGLE_ROOT, "train"))
+        unknown = sorted(set(wnids) - set(classes))
+        if unknown:
+            raise SourceError(f"{os.path.join(root, KAGGLE_ROOT, 'train', unknown[0])}: class not in {mapping}")
+        out["train"] = [s for w in wnids for s in _files_in(root, os.path.join(KAGGLE_ROOT, "train", w), w)]
+    if "val" in splits:
+        solution = os.path.join(root, "LOC_val_solution.csv")
+        if not os.path.exists(solution):
+            raise SourceError(f"{solution}: missing (the Kaggle layout's validation labels)")
+        truth = {}
+        with open(solution, newline="") as f:
+            for n, row in enumerate(csv.reader(f)):
+                if n == 0 or not row:
+                    continue
+                if len(row) != 2 or not row[1].split():
+                    raise SourceError(f"{solution}:{n + 1}: expected 'ImageId,PredictionString'")
+                truth[row[0]] = row[1].split()[0]
+        samples = _files_in(root, os.path.join(KAGGLE_ROOT, "val"), None)
+        missing = [s.key for s in samples if s.key not in truth]
+        if missing:
+            raise SourceError(f"{solution}: no label for {len(missing)} val file(s), e.g. {missing[0]}")
+        if len(truth) != len(samples):
+            extra = sorted(set(truth) - {s.key for s in samples})
+            raise SourceError(f"{solution}: {len(extra)} label(s) for val files that do not exist, e.g. {extra[0]}")
+        out["val"] = [SourceSample(s.key, truth[s.key], s.source, s.path) for s in samples]
+    return Source(root, "kaggle", [(w, names[w]) for w in classes], out)
+
+
+def _read_devkit(path: str) -> tuple[list[tuple[str, str]], dict[int, str], list[int]]:
+    """(leaf classes sorted by wnid, ILSVRC2012_ID -> wnid, validation ground-truth IDs)."""
+    import scipy.io
+
+    if not os.path.exists(path):
+        raise SourceError(f"{path}: missing (the devkit holds the class list and val labels)")
+    meta = gt = None
+    try:
+        with tarfile.open(path, "r:gz") as tf:
+            for m in tf:
+                if m.name.endswith("data/meta.mat"):
+                    meta = tf.extractfile(m).read()
+                elif m.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
+                    gt = tf.extractfile(m).read().decode()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SourceError(f"{path}: unreadable devkit archive ({e})") from None
+    if meta is None or gt is None:
+        raise SourceError(f"{path}: lacks data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt")
+    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    id_to_wnid, names = {}, {}
+    for s in synsets:
+        if int(s["num_children"]) == 0:  # the leaves are the classification classes
+            id_to_wnid[int(s["ILSVRC2012_ID"])] = str(s["WNID"])
+            names[str(s["WNID"])] = str(s["words"])
+    try:
+        gt_ids = [int(x) for x in gt.split()]
+    except ValueError:
+        raise SourceError(f"{path}: data/ILSVRC2012_validation_ground_truth.txt is not a list of class IDs") from None
+    bad = [i for i in gt_ids if i not in id_to_wnid]
+    if bad:
+        raise SourceError(f"{path}: validation ground truth names class ID {bad[0]}, not a leaf synset of meta.mat")
+    return sorted(names.items()), id_to_wnid, gt_ids
+
+
+def _tar_members(path: str, source_prefix: str) -> list[SourceSample]:
+    """Image members of a (seekable) tar, as byte ranges of the file; reads headers only."""
+    out = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if m.isfile() and _is_image(m.name):
+                    out.append(SourceSample(_stem(m.name), "", f"{source_prefix}/{m.name}", path, m.offset_data, m.size))
+    except (tarfile.TarError, OSError) as e:
+        raise SourceError(f"{path}: unreadable tar ({e})") from None
+    return out
+
+
+def _read_tars(root: str, splits) -> Source:
+    classes, id_to_wnid, gt_ids = _read_devkit(os.path.join(root, DEVKIT))
+    out = {}
+    if "train" in splits:
+        path = os.path.join(root, TRAIN_TAR)
+        if not os.path.exists(path):
+            raise SourceError(f"{path}: missing")
+        samples = []
+        try:
+            with tarfile.open(path, "r:") as outer:
+                inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
+                if not inner_tars:
+                    raise SourceError(f"{path}: holds no per-class .tar files")
+                for m in sorted(inner_tars, key=lambda m: m.name):
+                    wnid = _stem(m.name)
+                    # An inner tar is a byte range of the outer one: read its headers
+                    # in place (tarfile over a window of the file), never extracting.
+                    window = _FileWindow(path, m.offset_data, m.size)
+                    members = []
+                    with tarfile.open(fileobj=window, mode="r:") as inner:
+                        for im in inner:
+                            if im.isfile() and _is_image(im.name):
+                                members.append(SourceSample(
+                                    _stem(im.name), wnid, f"{TRAIN_TAR}/{m.name}/{im.name}",
+                                    path, m.offset_data + im.offset_data, im.size))
+                    if not members:
+                        raise SourceError(f"{path}/{m.name}: no images (empty class)")
+                    samples.extend(members)
+        except (tarfile.TarError, OSError) as e:
+            raise SourceError(f"{path}: unreadable tar ({e})") from None
+        out["train"] = samples
+    if "val" in splits:
+        path = os.path.join(root, VAL_TAR)
+        if not os.path.exists(path):
+            raise SourceError(f"{path}: missing")
+        samples = sorted(_tar_members(path, VAL_TAR), key=lambda s: s.key)
+        if len(samples) != len(gt_ids):
+            raise SourceError(f"{os.path.join(root, DEVKIT)}: validation ground truth has {len(gt_ids)} labels "
+                              f"but {path} has {len(samples)} images")
+        # Ground-truth line n labels ILSVRC2012_val_<n>: map through meta.mat's IDs.
+        out["val"] = [SourceSample(s.key, id_to_wnid[gt_ids[_val_number(s, path) - 1]], s.source, s.path, s.offset, s.size)
+                      for s in samples]
+    return Source(root, "tars", classes, out)
+
+
+def _val_number(s: SourceSample, path: str) -> int:
+    m = re.search(r"(\d+)$", s.key)
+    if not m:
+        raise SourceError(f"{path}/{s.source}: val file name has no ILSVRC2012_val_<number>")
+    return int(m.group(1))
+
+
+class _FileWindow(io.RawIOBase):
+    """A read-only, seekable view of bytes [start, start+size) of a file."""
+
+    def __init__(self, path: str, start: int, size: int):
+        self._f = open(path, "rb")
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._size + pos}[whence]
+        return self._pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self._size - self._pos))
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(n)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self):
+        self._f.close()
+        super().close()

@@ -1,0 +1,273 @@
+"""Generate a small, synthetic, ImageNet-like source tree in any of the three layouts.
+
+    python -m tools.make_sample_data OUT [--layout folder|kaggle|tars] [--classes 10]
+
+The images are SYNTHETIC: each class is a coloured shape (disc, square, ring, ...)
+on a noisy background, at a random position and scale, so a small CNN can learn
+them in minutes on a CPU. Nothing here is ImageNet data. The wnids are made up
+(n91000000, n91000001, ...) and the class names say "synthetic".
+
+The tree carries the quirks of real ILSVRC-2012 that break naive tools: a PNG
+named .JPEG, CMYK JPEGs, grayscale JPEGs, an image far smaller than 256 px and one
+with an extreme aspect ratio. In the `tars` layout the devkit's meta.mat numbers
+the classes (ILSVRC2012_ID) in an order that is NOT the sorted-wnid order, and has
+non-leaf synsets too, as the real one does.
+
+Output is deterministic for a given --seed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+LAYOUTS = ("folder", "kaggle", "tars")
+SHAPES = ("disc", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "checker", "diamond", "dots")
+# One hue per class, spread around the colour wheel (RGB, 0-255).
+COLOURS = (
+    (220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 30), (200, 60, 200),
+    (30, 200, 210), (240, 130, 20), (120, 60, 20), (250, 250, 250), (20, 20, 20),
+)
+
+
+@dataclass(frozen=True)
+class SampleClass:
+    wnid: str
+    name: str
+    shape: str
+    colour: tuple[int, int, int]
+
+
+def make_classes(count: int) -> list[SampleClass]:
+    return [
+        SampleClass(
+            wnid=f"n91{i:06d}",
+            name=f"synthetic {SHAPES[i % len(SHAPES)]} {i}",
+            shape=SHAPES[i % len(SHAPES)],
+            colour=COLOURS[i % len(COLOURS)],
+        )
+        for i in range(count)
+    ]
+
+
+def draw_image(cls: SampleClass, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """One RGB picture of the class's shape, random placement, noisy background."""
+    w, h = size
+    base = rng.integers(60, 196, size=3)
+    noise = rng.normal(0, 18, size=(h // 4 + 1, w // 4 + 1, 3))
+    background = np.clip(base + np.kron(noise, np.ones((4, 4, 1)))[:h, :w], 0, 255).astype(np.uint8)
+    img = Image.fromarray(background, "RGB")
+    draw = ImageDraw.Draw(img)
+    side = min(w, h)
+    r = int(side * rng.uniform(0.22, 0.4))
+    cx = int(rng.uniform(r, w - r)) if w > 2 * r else w // 2
+    cy = int(rng.uniform(r, h - r)) if h > 2 * r else h // 2
+    jitter = rng.integers(-25, 26, size=3)
+    colour = tuple(int(c) for c in np.clip(np.array(cls.colour) + jitter, 0, 255))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    s = cls.shape
+    if s == "disc":
+        draw.ellipse(box, fill=colour)
+    elif s == "square":
+        draw.rectangle(box, fill=colour)
+    elif s == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif s == "ring":
+        draw.ellipse(box, outline=colour, width=max(3, r // 4))
+    elif s == "cross":
+        t = max(3, r // 3)
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=colour)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=colour)
+    elif s in ("hstripes", "vstripes"):
+        step = max(4, r // 4)
+        for k in range(-r, r, 2 * step):
+            if s == "hstripes":
+                draw.rectangle((cx - r, cy + k, cx + r, cy + k + step), fill=colour)
+            else:
+                draw.rectangle((cx + k, cy - r, cx + k + step, cy + r), fill=colour)
+    elif s == "checker":
+        step = max(4, r // 3)
+        for i, y in enumerate(range(cy - r, cy + r, step)):
+            for j, x in enumerate(range(cx - r, cx + r, step)):
+                if (i + j) % 2 == 0:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=colour)
+    elif s == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    elif s == "dots":
+        d = max(3, r // 5)
+        for _ in range(12):
+            x, y = rng.integers(cx - r, cx + r), rng.integers(cy - r, cy + r)
+            draw.ellipse((x - d, y - d, x + d, y + d), fill=colour)
+    return img
+
+
+def encode(img: Image.Image, kind: str) -> bytes:
+    """Bytes of the file as it will sit on disk; `kind` picks the real-ImageNet quirk."""
+    buf = io.BytesIO()
+    if kind == "png":  # ILSVRC train has one PNG named .JPEG
+        img.save(buf, "PNG")
+    elif kind == "cmyk":  # ... and 22 CMYK JPEGs
+        img.convert("CMYK").save(buf, "JPEG", quality=90)
+    elif kind == "gray":  # ... and grayscale JPEGs in both splits
+        img.convert("L").save(buf, "JPEG", quality=90)
+    else:
+        img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+# (split, class index, image index within that class) -> (quirk, forced size)
+def quirk_for(split: str, c: int, j: int) -> tuple[str, tuple[int, int] | None]:
+    if split == "train" and j == 0:
+        return {0: ("png", None), 1: ("cmyk", None), 2: ("gray", None),
+                3: ("jpeg", (150, 100)), 4: ("jpeg", (1200, 160))}.get(c, ("jpeg", None))
+    if split == "train" and j == 1 and c == 1:
+        return ("cmyk", None)
+    if split == "val" and j == 0:
+        return {0: ("gray", None), 1: ("jpeg", (180, 120)), 2: ("cmyk", None)}.get(c, ("jpeg", None))
+    return ("jpeg", None)
+
+
+def generate(out: str, layout: str = "folder", classes: int = 10, train_per_class: int = 100,
+             val_per_class: int = 20, seed: int = 0, quirks: bool = True) -> dict:
+    """Write the tree under `out`; returns the truth: {split: {file stem: wnid}} and the classes."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    rng = np.random.default_rng(seed)
+    cls_list = make_classes(classes)
+
+    def image_bytes(split: str, c: int, j: int) -> bytes:
+        kind, forced = quirk_for(split, c, j) if quirks else ("jpeg", None)
+        size = forced or (int(rng.integers(400, 640)), int(rng.integers(300, 480)))
+        return encode(draw_image(cls_list[c], rng, size), kind)
+
+    train = {c: [(f"{cls_list[c].wnid}_{1000 + 7 * j}", image_bytes("train", c, j))
+                 for j in range(train_per_class)] for c in range(classes)}
+    # Val images are numbered across classes in a shuffled order, as in ILSVRC2012.
+    val_pairs = [(c, j) for c in range(classes) for j in range(val_per_class)]
+    order = rng.permutation(len(val_pairs))
+    val = [(f"ILSVRC2012_val_{n + 1:08d}", val_pairs[i][0], image_bytes("val", *val_pairs[i]))
+           for n, i in enumerate(order)]
+
+    os.makedirs(out, exist_ok=True)
+    writer = {"folder": _write_folder, "kaggle": _write_kaggle, "tars": _write_tars}[layout]
+    writer(out, cls_list, train, val, rng)
+    with open(os.path.join(out, "SYNTHETIC_README.txt"), "w") as f:
+        f.write("Synthetic sample data made by tools/make_sample_data.py. NOT ImageNet: coloured shapes "
+                "on noise, in the ImageNet layout '%s', for demos and tests.\n" % layout)
+    return {
+        "classes": [(c.wnid, c.name) for c in cls_list],
+        "train": {stem: cls_list[c].wnid for c in train for stem, _ in train[c]},
+        "val": {stem: cls_list[c].wnid for stem, c, _ in val},
+    }
+
+
+def _write_file(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _write_folder(out, cls_list, train, val, rng):
+    for c, items in train.items():
+        for stem, data in items:
+            _write_file(os.path.join(out, "train", cls_list[c].wnid, stem + ".JPEG"), data)
+    for stem, c, data in val:
+        _write_file(os.path.join(out, "val", cls_list[c].wnid, stem + ".JPEG"), data)
+
+
+def _write_kaggle(out, cls_list, train, val, rng):
+    root = os.path.join(out, "ILSVRC", "Data", "CLS-LOC")
+    for c, items in train.items():
+        for stem, data in items:
+            _write_file(os.path.join(root, "train", cls_list[c].wnid, stem + ".JPEG"), data)
+    for stem, c, data in val:
+        _write_file(os.path.join(root, "val", stem + ".JPEG"), data)
+    with open(os.path.join(out, "LOC_synset_mapping.txt"), "w") as f:
+        f.writelines(f"{c.wnid} {c.name}\n" for c in cls_list)
+    rows = [(stem, f"{cls_list[c].wnid} 10 20 200 220 {cls_list[c].wnid} 30 40 100 120 ") for stem, c, _ in val]
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # the real CSV is not in file order
+    with open(os.path.join(out, "LOC_val_solution.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "PredictionString"])
+        w.writerows(rows)
+
+
+def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 1335830400, 0o644  # fixed mtime: deterministic
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _write_tars(out, cls_list, train, val, rng):
+    with tarfile.open(os.path.join(out, "ILSVRC2012_img_train.tar"), "w") as outer:
+        for c, items in train.items():
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tf:
+                for stem, data in items:
+                    _tar_add(tf, stem + ".JPEG", data)
+            _tar_add(outer, cls_list[c].wnid + ".tar", inner.getvalue())
+    with tarfile.open(os.path.join(out, "ILSVRC2012_img_val.tar"), "w") as tf:
+        for stem, _, data in sorted(val):
+            _tar_add(tf, stem + ".JPEG", data)
+    # Devkit: meta.mat numbers the leaf synsets 1..C in a non-sorted order, then
+    # non-leaf synsets after them, like the real file (1860 synsets, 1000 leaves).
+    ids = rng.permutation(len(cls_list)) + 1
+    if len(ids) > 1 and np.all(np.diff(ids) > 0):
+        ids = ids[::-1].copy()
+    meta = _meta_mat_bytes(cls_list, ids)
+    gt = "".join(f"{ids[c]}\n" for _, c, _ in sorted(val))
+    with tarfile.open(os.path.join(out, "ILSVRC2012_devkit_t12.tar.gz"), "w:gz") as tf:
+        _tar_add(tf, "ILSVRC2012_devkit_t12/data/meta.mat", meta)
+        _tar_add(tf, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", gt.encode())
+
+
+def _meta_mat_bytes(cls_list, ids) -> bytes:
+    import scipy.io
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    n_leaf = len(cls_list)
+    records = []
+    for c, cls in enumerate(cls_list):
+        records.append((int(ids[c]), cls.wnid, cls.name, "synthetic class", 0, np.zeros((1, 0)), 0, 100))
+    # Two non-leaf synsets whose wnids sort before the leaves: a reader that takes
+    # "the first C synsets" or sorted wnids without looking at num_children is wrong.
+    for k in range(2):
+        records.append((n_leaf + 1 + k, f"n90{k:06d}", f"synthetic group {k}", "non-leaf", n_leaf,
+                        np.arange(1, n_leaf + 1, dtype=np.float64)[None], 1, 0))
+    arr = np.empty((len(records), 1), dtype=[(f, "O") for f in fields])
+    for i, rec in enumerate(records):
+        arr[i, 0] = rec
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"synsets": arr})
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", help="directory to create")
+    p.add_argument("--layout", choices=LAYOUTS, default="folder")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-quirks", action="store_true", help="plain RGB JPEGs only")
+    a = p.parse_args(argv)
+    if a.classes < 1 or a.classes > 1000 or a.train_per_class < 1 or a.val_per_class < 1:
+        p.error("--classes must be in 1..1000 and the per-class counts at least 1")
+    generate(a.out, a.layout, a.classes, a.train_per_class, a.val_per_class, a.seed, not a.no_quirks)
+    n = a.classes * (a.train_per_class + a.val_per_class)
+    print(f"wrote {n} synthetic images ({a.classes} classes) in the '{a.layout}' layout to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,13 +43,7 @@ def _shards(tmp: str, images: int) -> str:
     from tools import make_shards
     out = os.path.join(tmp, "shards")
     if not os.path.exists(os.path.join(out, "dataset.json")):
-        with open(os.devnull, "w") as null:
-            old, sys.stdout = sys.stdout, null
-            try:
-                make_shards.main([_source(tmp, images), out, "--shard-samples", "256", "--workers",
-                                  str(os.cpu_count())])
-            finally:
-                sys.stdout = old
+        assert _quiet(make_shards.main, [_source(tmp, images), out, "--shard-samples", "256"]) == 0
     return out
 
 
@@ -162,7 +156,46 @@ def bench_shards(a) -> dict:
     return res
 
 
-BENCHES = {"shards": bench_shards}
+# ------------------------------------------------------------------ pca
+
+def _decode_shard(path: str) -> int:
+    """The limit for compute_pca: read a shard and decode every JPEG to an RGB array."""
+    import io
+    import numpy as np
+    from PIL import Image
+    from pipeline.shards import iter_tar_samples
+    n = 0
+    for _, sample in iter_tar_samples(path):
+        np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        n += 1
+    return n
+
+
+def bench_pca(a) -> dict:
+    from multiprocessing import Pool
+    from pipeline.shards import load_manifest, split_shards
+    from tools import compute_pca
+    images = a.images or 2048
+    workers = os.cpu_count()
+    print(f"compute_pca: {images} train images of 256x256, {workers} workers (best of 3, interleaved)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _shards(tmp, images)
+        paths = [s["path"] for s in split_shards(load_manifest(out), out, "train")]
+        n = sum(_decode_shard(p) for p in paths)  # also warms the page cache
+
+        def decode_only():
+            with Pool(workers) as pool:
+                assert sum(pool.map(_decode_shard, paths)) == n
+
+        res = _interleaved(n, {"decode": decode_only,
+                               "compute_pca": lambda: compute_pca.compute(out, workers, progress=False)})
+    _line("pure decode loop over the shards (limit)", res["decode"])
+    _line("compute_pca (decode + exact sums)", res["compute_pca"])
+    print(f"  ratio compute_pca / pure decode:          {res['compute_pca'] / res['decode']:.2f}x  (goal >= 0.9)")
+    return res
+
+
+BENCHES = {"shards": bench_shards, "pca": bench_pca}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,150 @@
+"""tools/compute_pca.py against references computed independently here (CPU, seconds)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.shards import MANIFEST, ShardWriter, atomic_write, iter_tar_samples, load_manifest, shard_name
+from tools import compute_pca
+
+
+def decoded_train_pixels(out: str, limit: int | None = None) -> np.ndarray:
+    """All counted train pixels as an (N, 3) uint8 array, decoded here independently."""
+    rows = []
+    for shard in load_manifest(out)["splits"]["train"]["shards"]:
+        for _, s in iter_tar_samples(os.path.join(out, shard["file"])):
+            if limit is not None and len(rows) >= limit:
+                break
+            rows.append(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).reshape(-1, 3))
+    return np.concatenate(rows)
+
+
+def exact_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population covariance in [0, 1] units from exact integer sums (numpy int64)."""
+    n = x.shape[0]
+    xi = x.astype(np.int64)
+    s1 = [int(v) for v in xi.sum(0)]
+    s2 = [[int((xi[:, i] * xi[:, j]).sum()) for j in range(3)] for i in range(3)]
+    mean = np.array([v / (n * 255) for v in s1])
+    cov = np.array([[(n * s2[i][j] - s1[i] * s1[j]) / (n * n * 255 * 255) for j in range(3)] for i in range(3)])
+    return mean, cov
+
+
+def test_matches_numpy_reference(shards):
+    pca = json.load(open(os.path.join(shards, "pca.json")))
+    x = decoded_train_pixels(shards)
+    assert pca["pixels"] == x.shape[0] and pca["images"] == load_manifest(shards)["splits"]["train"]["samples"]
+    # exact reference: agreement to the last bits of float64
+    mean, cov = exact_moments(x)
+    np.testing.assert_allclose(pca["mean"], mean, rtol=1e-15)
+    np.testing.assert_allclose(pca["covariance"], cov, rtol=1e-15)
+    np.testing.assert_allclose(pca["std"], np.sqrt(np.diag(cov)), rtol=1e-15)
+    # numpy's float64 statistics (their own rounding: ~1e-12 over 4e7 pixels)
+    xf = x / 255.0
+    np.testing.assert_allclose(pca["mean"], xf.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(pca["covariance"], np.cov(xf, rowvar=False, bias=True), rtol=1e-9)
+    values, vectors = np.linalg.eigh(cov)
+    np.testing.assert_allclose(pca["eigenvalues"], values[::-1], rtol=1e-9)
+    for mine, ref in zip(pca["eigenvectors"], vectors[:, ::-1].T):
+        assert abs(np.dot(mine, ref)) == pytest.approx(1.0, abs=1e-9)
+        assert np.linalg.norm(mine) == pytest.approx(1.0, abs=1e-12)
+        assert max(mine, key=abs) > 0  # the documented sign convention
+    # each eigenvector really is one: C v = lambda v
+    c = np.array(pca["covariance"])
+    for lam, v in zip(pca["eigenvalues"], pca["eigenvectors"]):
+        np.testing.assert_allclose(c @ v, lam * np.array(v), atol=1e-12)
+    with open(os.path.join(shards, MANIFEST), "rb") as f:
+        import hashlib
+        assert pca["source"]["sha256"] == hashlib.sha256(f.read()).hexdigest()
+
+
+def _flat_colour_shards(out: str, colours: np.ndarray) -> None:
+    """A shard directory whose train images are flat colours (JPEG keeps a flat block flat)."""
+    os.makedirs(out)
+    writer = ShardWriter()
+    for i, c in enumerate(colours):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), tuple(int(v) for v in c)).save(buf, "JPEG", quality=95)
+        writer.add(f"s{i:05d}", buf.getvalue(), 0, {"wnid": "n00000000"})
+    rec = writer.finish(os.path.join(out, shard_name("train", 0)))
+    manifest = {"format_version": 1, "classes": [{"index": 0, "wnid": "n00000000", "name": "flat"}],
+                "splits": {"train": {"samples": len(colours), "shards": [rec]}},
+                "preprocessing": {"size": 64}, "seed": 0, "skipped": [], "command": []}
+    atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest).encode())
+
+
+def test_known_gaussian_covariance_gives_expected_eigenbasis(tmp_path):
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    lam = np.array([0.02, 0.005, 0.001])  # [0, 1] units, well separated
+    sigma = q @ np.diag(lam) @ q.T
+    colours = np.clip(np.round((0.5 + rng.multivariate_normal(np.zeros(3), sigma, size=600)) * 255), 0, 255)
+    out = str(tmp_path / "flat")
+    _flat_colour_shards(out, colours)
+    assert compute_pca.main([out, "--workers", "1", "--quiet"]) == 0
+    pca = json.load(open(os.path.join(out, "pca.json")))
+    # statistical agreement with the generating Gaussian (600 draws: ~6% on eigenvalues)
+    np.testing.assert_allclose(pca["eigenvalues"], lam, rtol=0.2)
+    for v, ref in zip(pca["eigenvectors"], q[:, np.argsort(lam)[::-1]].T):
+        assert abs(np.dot(v, ref)) > 0.97
+    np.testing.assert_allclose(pca["mean"], 0.5, atol=0.02)
+
+
+def test_same_result_for_one_and_two_workers(shards, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(shards, out)
+    os.remove(os.path.join(out, "pca.json"))
+    assert compute_pca.main([out, "--workers", "1", "--quiet"]) == 0
+    one = json.load(open(os.path.join(out, "pca.json")))
+    assert compute_pca.main([out, "--workers", "2", "--quiet"]) == 0
+    two = json.load(open(os.path.join(out, "pca.json")))
+    assert one == two == json.load(open(os.path.join(shards, "pca.json")))
+
+
+def test_max_images_is_a_recorded_deterministic_subset(shards, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(shards, out)
+    assert compute_pca.main([out, "--max-images", "100", "--quiet"]) == 0
+    pca = json.load(open(os.path.join(out, "pca.json")))
+    assert pca["images"] == 100 and pca["max_images"] == 100
+    mean, cov = exact_moments(decoded_train_pixels(out, limit=100))
+    np.testing.assert_allclose(pca["mean"], mean, rtol=1e-15)
+    np.testing.assert_allclose(pca["covariance"], cov, rtol=1e-15)
+
+
+@pytest.mark.parametrize("case", ["no_manifest", "missing_shard", "checksum", "corrupt_jpeg"])
+def test_bad_input(shards, tmp_path, capsys, case):
+    out = str(tmp_path / "bad")
+    shutil.copytree(shards, out)
+    os.remove(os.path.join(out, "pca.json"))
+    if case == "no_manifest":
+        os.remove(os.path.join(out, MANIFEST))
+        needle = f"{out}/dataset.json: missing"
+    elif case == "missing_shard":
+        os.remove(os.path.join(out, "train-000002.tar"))
+        needle = f"{out}/train-000002.tar: missing train shard"
+    elif case == "checksum":
+        with open(os.path.join(out, "train-000001.tar"), "r+b") as f:
+            f.seek(5000)
+            f.write(b"xx")
+        needle = f"{out}/train-000001.tar: sha256 differs"
+    else:  # a JPEG that does not decode, with a manifest that agrees with the bytes
+        from pipeline.shards import sha256_file
+        path = os.path.join(out, "train-000000.tar")
+        data = bytearray(open(path, "rb").read())
+        data[1024:1536] = b"\0" * 512  # into the first JPEG's entropy-coded data... and header
+        open(path, "wb").write(bytes(data))
+        m = json.load(open(os.path.join(out, MANIFEST)))
+        m["splits"]["train"]["shards"][0]["sha256"] = sha256_file(path)
+        atomic_write(os.path.join(out, MANIFEST), json.dumps(m).encode())
+        needle = f"{out}/train-000000.tar: "
+    assert compute_pca.main([out, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not os.path.exists(os.path.join(out, "pca.json"))

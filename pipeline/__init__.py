@@ -1,0 +1,51 @@
+"""The data pipeline: shards -> augmented batches on the training device.
+
+    from pipeline import make_loader
+    loader = make_loader(shards_dir, split="train", batch_size=128, device="cpu")
+    for images, labels in loader:   # one epoch; iterate again for the next
+        ...
+
+Two loaders with the same semantics (plan.py fixes order and augmentation):
+"dali" (the default; decoding and augmentation on the GPU where there is one)
+and "wds" (webdataset + pillow-simd + torch DataLoader, for machines where DALI
+does not install, and the benchmark's baseline). Nothing here is imported until
+a loader is made, so `import pipeline` costs nothing.
+"""
+from __future__ import annotations
+
+
+def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, device: str = "cpu",
+                rank: int = 0, world_size: int = 1, seed: int = 0, crop: str | None = None,
+                normalize: bool = True, lighting: bool | None = None, flip: bool | None = None,
+                shuffle: bool | None = None, channels_last: bool = False, num_threads: int = 0,
+                backend: str = "auto"):
+    """A loader over `split` of a shard directory (see pipeline/loader.py's LoaderConfig).
+
+    Defaults follow the split: train takes random crops, flips, lighting and a new
+    order every epoch; other splits the centre crop in source order. crop="ten"
+    yields [B, 10, 3, 224, 224]. backend: "dali", "wds", or "auto" (DALI if it imports).
+    """
+    from pipeline.loader import LoaderConfig
+
+    train = split == "train"
+    crop = crop or ("random" if train else "center")
+    augment = crop == "random"
+    cfg = LoaderConfig(shards_dir=shards_dir, split=split, batch_size=batch_size, device=str(device), rank=rank,
+                       world_size=world_size, seed=seed, crop=crop, normalize=normalize,
+                       lighting=augment if lighting is None else lighting,
+                       flip=augment if flip is None else flip,
+                       shuffle=train if shuffle is None else shuffle,
+                       channels_last=channels_last, num_threads=num_threads)
+    if backend == "auto":
+        try:
+            import nvidia.dali  # noqa: F401
+            backend = "dali"
+        except ImportError:
+            backend = "wds"
+    if backend == "dali":
+        from pipeline.dali import DaliLoader
+        return DaliLoader(cfg)
+    if backend == "wds":
+        from pipeline.wds import WdsLoader
+        return WdsLoader(cfg)
+    raise ValueError(f"backend must be 'auto', 'dali' or 'wds', not {backend!r}")

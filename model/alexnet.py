@@ -1,0 +1,221 @@
+"""AlexNet as published (Krizhevsky, Sutskever, Hinton, NIPS 2012), in two halves.
+
+Layer sizes (paper, section 3.5 and figure 2), input 3x224x224:
+  conv1 96 x 11x11 stride 4 (padding 2) -> ReLU, LRN, max-pool 3/2     55 -> 27
+  conv2 256 x 5x5, each half sees its own 48 maps -> ReLU, LRN, pool   27 -> 13
+  conv3 384 x 3x3, sees both halves -> ReLU
+  conv4 384 x 3x3, own half -> ReLU
+  conv5 256 x 3x3, own half -> ReLU, pool                               13 -> 6
+  fc6 4096, fc7 4096 (see both halves; ReLU, dropout 0.5), fc8 num_classes
+60,965,224 parameters for 1000 classes.
+
+Two layouts compute the same function with the same weights:
+  AlexNet          one device; the halves are grouped convolutions (groups=2).
+                   Its state_dict is the checkpoint format.
+  TwoDeviceAlexNet each half's kernels on its own device, activations crossing
+                   only into conv3 and the fully connected layers, as on the
+                   paper's two GTX 580s. Converts to and from the canonical state.
+Every parameter of a half is the first or second part (along dim 0) of the
+canonical parameter of the same name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (name, in_channels, out_channels, kernel, stride, padding, groups) of the canonical layers
+CONVS = (("conv1", 3, 96, 11, 4, 2, 1), ("conv2", 96, 256, 5, 1, 2, 2), ("conv3", 256, 384, 3, 1, 1, 1),
+         ("conv4", 384, 384, 3, 1, 1, 2), ("conv5", 384, 256, 3, 1, 1, 2))
+ONE_BIASES = ("conv2", "conv4", "conv5", "fc6", "fc7")  # paper, section 5: biases initialised to 1
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    num_classes: int = 1000
+    lrn_layers: str = "paper"     # "paper": after conv1 and conv2 (section 3.3); "all": after all five convs
+    lrn_convention: str = "paper"  # "paper": k + alpha * sum(a^2) (section 3.3); "mean": k + alpha/n * sum (Caffe, PyTorch)
+    dropout: float = 0.5          # in fc6 and fc7 (section 4.2)
+    init: str = "paper"           # "paper": N(0, 0.01) weights, some biases 1 (section 5); "kaiming": He init
+
+    def __post_init__(self):
+        checks = {"lrn_layers": ("paper", "all"), "lrn_convention": ("paper", "mean"), "init": ("paper", "kaiming")}
+        for field, allowed in checks.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, not {getattr(self, field)!r}")
+
+
+def make_lrn(cfg: AlexNetConfig) -> nn.Module:
+    # Paper: b = a / (k + alpha * sum_{n neighbours} a^2)^beta with k=2, n=5, alpha=1e-4, beta=0.75.
+    # PyTorch's LocalResponseNorm divides alpha by n, so the paper's alpha is alpha*n there.
+    size, alpha = 5, 1e-4
+    return nn.LocalResponseNorm(size, alpha=alpha * size if cfg.lrn_convention == "paper" else alpha,
+                                beta=0.75, k=2.0)
+
+
+def _lrn_after(cfg: AlexNetConfig) -> set[str]:
+    return {"conv1", "conv2"} if cfg.lrn_layers == "paper" else {c[0] for c in CONVS}
+
+
+def init_weights(model: nn.Module, cfg: AlexNetConfig) -> None:
+    """Paper (section 5): weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        layer = name.split(".")[-1]
+        if cfg.init == "paper" or layer == "fc8":
+            nn.init.normal_(mod.weight, 0.0, 0.01)
+        else:
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+        nn.init.constant_(mod.bias, 1.0 if (cfg.init == "paper" and layer in ONE_BIASES) else 0.0)
+
+
+class AlexNet(nn.Module):
+    """The grouped, one-device layout. forward: float [N, 3, 224, 224] -> logits [N, num_classes]."""
+
+    def __init__(self, cfg: AlexNetConfig = AlexNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        for name, cin, cout, k, s, p, g in CONVS:
+            setattr(self, name, nn.Conv2d(cin, cout, k, s, p, groups=g))
+        self.fc6, self.fc7, self.fc8 = nn.Linear(256 * 6 * 6, 4096), nn.Linear(4096, 4096), nn.Linear(4096, cfg.num_classes)
+        self.lrn = make_lrn(cfg)
+        self.lrn_after = _lrn_after(cfg)
+        init_weights(self, cfg)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+            x = F.relu(getattr(self, name)(x), inplace=True)
+            if name in self.lrn_after:
+                x = self.lrn(x)
+            if name in ("conv1", "conv2", "conv5"):
+                x = F.max_pool2d(x, 3, 2)  # overlapping pooling (section 3.4)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.features(x), 1)
+        p = self.cfg.dropout
+        x = F.dropout(F.relu(self.fc6(x), inplace=True), p, self.training)
+        x = F.dropout(F.relu(self.fc7(x), inplace=True), p, self.training)
+        return self.fc8(x)
+
+
+class AlexNetHalf(nn.Module):
+    """One GPU's half: half of every layer's kernels (fc8: the first or last part of the classes)."""
+
+    def __init__(self, cfg: AlexNetConfig, fc8_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 48, 11, 4, 2)
+        self.conv2 = nn.Conv2d(48, 128, 5, 1, 2)
+        self.conv3 = nn.Conv2d(256, 192, 3, 1, 1)   # input: both halves' conv2 maps
+        self.conv4 = nn.Conv2d(192, 192, 3, 1, 1)
+        self.conv5 = nn.Conv2d(192, 128, 3, 1, 1)
+        self.fc6, self.fc7, self.fc8 = nn.Linear(9216, 2048), nn.Linear(4096, 2048), nn.Linear(4096, fc8_out)
+        self.lrn = make_lrn(cfg)
+
+
+class TwoDeviceAlexNet(nn.Module):
+    """The paper's layout: half 0 on devices[0], half 1 on devices[1]; logits come back on devices[0]."""
+
+    def __init__(self, cfg: AlexNetConfig, devices: tuple[str, str]):
+        super().__init__()
+        self.cfg = cfg
+        self.devices = [torch.device(d) for d in devices]
+        n0 = (cfg.num_classes + 1) // 2
+        self.halves = nn.ModuleList([AlexNetHalf(cfg, n0).to(self.devices[0]),
+                                     AlexNetHalf(cfg, cfg.num_classes - n0).to(self.devices[1])])
+        self.lrn_after = _lrn_after(cfg)
+        init_weights(self, cfg)
+
+    def _both(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two halves' maps concatenated, once on each device (the GPUs talk only here)."""
+        d0, d1 = self.devices
+        return torch.cat([a, b.to(d0, non_blocking=True)], 1), torch.cat([a.to(d1, non_blocking=True), b], 1)
+
+    def _conv(self, name: str, xs):
+        out = []
+        for half, x in zip(self.halves, xs):
+            x = F.relu(getattr(half, name)(x), inplace=True)
+            if name in self.lrn_after:
+                x = half.lrn(x)
+            if name in ("conv1", "conv2", "conv5"):
+                x = F.max_pool2d(x, 3, 2)
+            out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = [x.to(d, non_blocking=True) for d in self.devices]
+        xs = self._conv("conv2", self._conv("conv1", xs))
+        xs = self._conv("conv3", self._both(*xs))
+        xs = self._conv("conv5", self._conv("conv4", xs))
+        xs = self._both(*(torch.flatten(t, 1) for t in xs))
+        p = self.cfg.dropout
+        for layer in ("fc6", "fc7"):
+            xs = [F.dropout(F.relu(getattr(h, layer)(t), inplace=True), p, self.training)
+                  for h, t in zip(self.halves, xs)]
+            xs = self._both(*xs)
+        a, b = (h.fc8(t) for h, t in zip(self.halves, xs))
+        return torch.cat([a, b.to(self.devices[0])], 1)
+
+    # -- the canonical (grouped) parameter format ---------------------------
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        return join_halves({k: v for k, v in self.halves[0].state_dict().items()},
+                           {k: v for k, v in self.halves[1].state_dict().items()})
+
+    def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        first, second = split_halves(state, {k: v.shape[0] for k, v in self.halves[0].state_dict().items()})
+        self.halves[0].load_state_dict(first)
+        self.halves[1].load_state_dict(second)
+
+
+def join_halves(first: dict, second: dict) -> dict:
+    """Canonical tensors from the two halves' tensors of the same names (cat along dim 0)."""
+    return {k: torch.cat([first[k].cpu(), second[k].cpu()], 0) for k in first if k in second}
+
+
+def split_halves(state: dict, first_sizes: dict) -> tuple[dict, dict]:
+    """The two halves' tensors from canonical ones; first_sizes: rows of each tensor in half 0."""
+    first, second = {}, {}
+    for k, n in first_sizes.items():
+        if k not in state:
+            continue
+        first[k], second[k] = state[k][:n].clone(), state[k][n:].clone()
+    return first, second
+
+
+def build(cfg: AlexNetConfig, devices: list[str]) -> nn.Module:
+    """AlexNet on one device, or TwoDeviceAlexNet over two."""
+    if len(devices) == 1:
+        return AlexNet(cfg).to(devices[0])
+    if len(devices) == 2:
+        return TwoDeviceAlexNet(cfg, (devices[0], devices[1]))
+    raise ValueError(f"AlexNet runs on one device or two halves, not on {len(devices)} devices")
+
+
+def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    model = getattr(model, "module", model)          # DDP
+    model = getattr(model, "_orig_mod", model)       # torch.compile
+    if isinstance(model, TwoDeviceAlexNet):
+        return model.canonical_state_dict()
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def load_canonical(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, TwoDeviceAlexNet):
+        model.load_canonical_state_dict(state)
+    else:
+        model.load_state_dict(state)
+
+
+def named_canonical_parameters(model: nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
+    """(canonical name, [its parameter, or the two halves' parameters]) in a fixed order."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, TwoDeviceAlexNet):
+        p0, p1 = dict(model.halves[0].named_parameters()), dict(model.halves[1].named_parameters())
+        return [(k, [p0[k], p1[k]]) for k in p0]
+    return [(k, [p]) for k, p in model.named_parameters()]

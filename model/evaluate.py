@@ -1,0 +1,75 @@
+"""Top-1 and top-5 error of a checkpoint on a shard directory's validation split.
+
+    python -m model.evaluate --checkpoint RUN/checkpoint.pt --shards DIR [--ten-crop] [--json FILE]
+
+Centre crop by default; --ten-crop averages the softmax of the paper's 10 crops
+(the 4 corners and the centre, each also mirrored; section 4.1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from model.alexnet import AlexNetConfig, build, load_canonical
+from model.train import UsageError, evaluate, parse_devices, summarize
+from pipeline import make_loader
+from pipeline.shards import ShardError
+
+
+def load_model(path: str, device: str, num_classes: int | None = None):
+    """(model in eval mode on `device`, checkpoint dict); UsageError on a bad file or class count."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model_cfg = AlexNetConfig(**ckpt["model_config"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UsageError(f"{path}: not a checkpoint of model.train ({type(e).__name__}: {e})") from None
+    if num_classes is not None and model_cfg.num_classes != num_classes:
+        raise UsageError(f"{path}: has {model_cfg.num_classes} classes, the shards have {num_classes}")
+    model = build(model_cfg, [device])
+    load_canonical(model, ckpt["model"])
+    return model.eval(), ckpt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--ten-crop", action="store_true", help="the paper's 10-crop evaluation")
+    p.add_argument("--devices", default="auto", help="cpu, cuda, cuda:N (default: cuda if any)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--backend", default="auto", help="data pipeline: dali, wds or auto")
+    p.add_argument("--json", help="also write the result here")
+    a = p.parse_args(argv)
+    try:
+        device = parse_devices(a.devices)[0]
+        try:
+            loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
+                                 crop="ten" if a.ten_crop else "center", backend=a.backend)
+        except ShardError as e:
+            raise UsageError(str(e)) from None
+        model, ckpt = load_model(a.checkpoint, device, len(loader.manifest["classes"]))
+    except UsageError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    dev = torch.device(device)
+    result = summarize(evaluate(model, loader, dev, bf16=dev.type == "cuda"))
+    result.update({"crop": "ten" if a.ten_crop else "center", "checkpoint": a.checkpoint,
+                   "epoch": ckpt["epoch"], "step": ckpt["step"]})
+    chance = 1 - 1 / len(loader.manifest["classes"])
+    print(f"{a.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}), {result['crop']} crop, "
+          f"{result['val_samples']} val images: top-1 error {100 * result['val_top1_error']:.2f}%, "
+          f"top-5 error {100 * result['val_top5_error']:.2f}% (chance: {100 * chance:.1f}% top-1)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

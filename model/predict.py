@@ -1,0 +1,64 @@
+"""Top-5 classes of images, from a checkpoint.
+
+    python -m model.predict --checkpoint RUN/checkpoint.pt IMAGE [IMAGE ...]
+
+Each image gets make_shards' preprocessing (shorter side to 256, central 256
+square) and the evaluation's central 224 crop, normalised with the training
+set's mean and std, which the checkpoint carries with the class names.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.evaluate import load_model
+from model.train import UsageError, parse_devices
+from pipeline import plan
+
+
+def preprocess(path: str, mean, std) -> torch.Tensor:
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    img = np.asarray(img.resize((256, 256), Image.BICUBIC, box=box))  # as tools/make_shards.py does
+    return torch.from_numpy(plan.reference_augment(img, 0.5, 0.5, False, np.zeros(3), np.array(mean),
+                                                   np.array(std), dtype=np.float32))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--devices", default="cpu")
+    p.add_argument("--top", type=int, default=5)
+    a = p.parse_args(argv)
+    try:
+        device = parse_devices(a.devices)[0]
+        model, ckpt = load_model(a.checkpoint, device)
+        batch = []
+        for path in a.images:
+            try:
+                batch.append(preprocess(path, ckpt["normalize"]["mean"], ckpt["normalize"]["std"]))
+            except OSError as e:
+                raise UsageError(f"{path}: cannot read the image ({e})") from None
+    except UsageError as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.stack(batch).to(device)).float(), 1).cpu()
+    names = ckpt["classes"]
+    for path, pr in zip(a.images, probs):
+        values, indices = pr.topk(min(a.top, len(names)))
+        print(path)
+        for v, i in zip(values.tolist(), indices.tolist()):
+            print(f"  {100 * v:6.2f}%  {names[i]} ({ckpt['wnids'][i]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

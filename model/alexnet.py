@@ -85,11 +85,17 @@ class AlexNet(nn.Module):
         self.lrn_after = _lrn_after(cfg)
         init_weights(self, cfg)
 
+    def half_lrn(self, x: torch.Tensor) -> torch.Tensor:
+        """LRN within each half: on the paper's GPUs the 'adjacent kernel maps' of the sum are
+        the same GPU's, so the halves are folded into the batch and never normalise each other."""
+        n, c, h, w = x.shape
+        return self.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
             x = F.relu(getattr(self, name)(x), inplace=True)
             if name in self.lrn_after:
-                x = self.lrn(x)
+                x = self.half_lrn(x)
             if name in ("conv1", "conv2", "conv5"):
                 x = F.max_pool2d(x, 3, 2)  # overlapping pooling (section 3.4)
         return x

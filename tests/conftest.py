@@ -49,3 +49,15 @@ def shards(tmp_path_factory):
     from tools import compute_pca
     assert compute_pca.main([out, "--workers", "2"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """4 classes, 8 train and 4 val images each: for trainer tests, where AlexNet costs ~0.5 s a step."""
+    root = str(tmp_path_factory.mktemp("src_tiny"))
+    make_sample_data.generate(root, "folder", classes=4, train_per_class=8, val_per_class=4, seed=2, quirks=False)
+    out = str(tmp_path_factory.mktemp("tiny") / "shards")
+    assert build_shards(root, out, "--shard-samples", "16") == 0
+    from tools import compute_pca
+    assert compute_pca.main([out, "--quiet"]) == 0
+    return out

@@ -1,0 +1,126 @@
+"""model/alexnet.py and the trainer's plain functions (CPU, seconds)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.alexnet import (AlexNet, AlexNetConfig, TwoDeviceAlexNet, canonical_state, load_canonical, make_lrn)
+from model.train import learning_rate, plateau_divisions, TrainConfig
+
+
+def test_parameter_count_and_shapes():
+    model = AlexNet()
+    assert sum(p.numel() for p in model.parameters()) == 60_965_224
+    assert [getattr(model, f"conv{i}").out_channels for i in range(1, 6)] == [96, 256, 384, 384, 256]
+    assert [getattr(model, f"conv{i}").groups for i in range(1, 6)] == [1, 2, 1, 2, 2]
+    assert model.conv1.kernel_size == (11, 11) and model.conv1.stride == (4, 4) and model.conv1.padding == (2, 2)
+    x = torch.randn(2, 3, 224, 224)
+    assert model.features(x).shape == (2, 256, 6, 6)
+    assert AlexNet(AlexNetConfig(num_classes=10))(x).shape == (2, 10)
+
+
+def test_paper_init():
+    torch.manual_seed(0)
+    model = AlexNet()
+    for name, mod in model.named_children():
+        if not hasattr(mod, "weight"):
+            continue
+        assert abs(mod.weight.std().item() - 0.01) < 0.0005 and abs(mod.weight.mean().item()) < 0.001, name
+        expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        assert torch.all(mod.bias == expected_bias), name
+    kaiming = AlexNet(AlexNetConfig(init="kaiming"))
+    assert kaiming.conv1.weight.std().item() == pytest.approx((2 / (3 * 121)) ** 0.5, rel=0.05)
+    assert torch.all(kaiming.conv2.bias == 0)
+
+
+def test_lrn_follows_the_papers_formula():
+    a = torch.randn(1, 12, 3, 3) * 20
+    k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
+    sq = torch.stack([(a[:, max(0, i - n // 2): min(12, i + n // 2 + 1)] ** 2).sum(1) for i in range(12)], 1)
+    expected = a / (k + alpha * sq) ** beta  # paper, section 3.3: no division by n
+    torch.testing.assert_close(make_lrn(AlexNetConfig())(a), expected, rtol=1e-5, atol=1e-6)
+    caffe = a / (k + alpha / n * sq) ** beta
+    torch.testing.assert_close(make_lrn(AlexNetConfig(lrn_convention="mean"))(a), caffe, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [AlexNetConfig(num_classes=7), AlexNetConfig(num_classes=10, lrn_layers="all")])
+def test_two_layouts_compute_the_same_function(cfg):
+    torch.manual_seed(1)
+    grouped = AlexNet(cfg).eval()
+    split = TwoDeviceAlexNet(cfg, ("cpu", "cpu")).eval()  # two "devices", both the CPU here
+    load_canonical(split, canonical_state(grouped))
+    x = torch.randn(3, 3, 224, 224)
+    torch.testing.assert_close(split(x), grouped(x), rtol=1e-4, atol=1e-5)
+    # and back: the split model's canonical state loads into the grouped layout unchanged
+    state = canonical_state(split)
+    assert list(state) == list(grouped.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in grouped.state_dict().items())
+    # gradients agree too; in float64, where max-pool near-ties cannot flip between layouts
+    grouped, split, x = grouped.double(), split.double(), x.double()
+    for m in (grouped, split):
+        m.zero_grad()
+        F.cross_entropy(m(x), torch.tensor([0, 1, 2])).backward()
+    g_split = {k: torch.cat([p0.grad, p1.grad]) for (k, p0), (_, p1) in
+               zip(split.halves[0].named_parameters(), split.halves[1].named_parameters())}
+    for k, p in grouped.named_parameters():
+        torch.testing.assert_close(g_split[k], p.grad, rtol=0, atol=1e-9 * p.grad.abs().max().item())
+
+
+def test_sgd_step_matches_a_hand_written_update():
+    """PyTorch's SGD: v = m v + (g + wd w); w -= lr v. Two steps, so momentum is exercised."""
+    torch.manual_seed(2)
+    model = AlexNet(AlexNetConfig(num_classes=5, dropout=0.0))
+    ref = copy.deepcopy(model)
+    lr, m, wd = 0.01, 0.9, 5e-4
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=m, weight_decay=wd)
+    x, y = torch.randn(4, 3, 224, 224), torch.tensor([0, 1, 2, 3])
+    velocity = {k: torch.zeros_like(p) for k, p in ref.named_parameters()}
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ref.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        with torch.no_grad():
+            for k, p in ref.named_parameters():
+                velocity[k] = m * velocity[k] + p.grad + wd * p
+                p -= lr * velocity[k]
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(3)
+    model = AlexNet(AlexNetConfig(num_classes=4, init="kaiming", dropout=0.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    x, y = torch.randn(8, 3, 224, 224), torch.arange(8) % 4
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_plateau_schedule():
+    assert plateau_divisions([0.9, 0.8, 0.7], patience=2, max_divisions=3) == 0
+    assert plateau_divisions([0.9, 0.8, 0.8, 0.8], patience=2, max_divisions=3) == 1
+    assert plateau_divisions([0.9, 0.9, 0.9, 0.9, 0.9], patience=2, max_divisions=3) == 2
+    assert plateau_divisions([0.5] * 20, patience=1, max_divisions=3) == 3  # the paper stopped after 3
+    cfg = TrainConfig(lr=0.01, plateau_patience=2)
+    assert learning_rate(cfg, 3.5, [0.9, 0.8, 0.8, 0.8]) == pytest.approx(0.001)
+
+
+def test_step_schedule_and_warmup():
+    cfg = TrainConfig(lr=0.01, schedule="step", step_epochs=30, warmup_epochs=2)
+    assert learning_rate(cfg, 0.0, []) == pytest.approx(0.001)
+    assert learning_rate(cfg, 1.0, []) == pytest.approx(0.0055)
+    assert learning_rate(cfg, 2.0, []) == pytest.approx(0.01)
+    assert learning_rate(cfg, 29.9, []) == pytest.approx(0.01)
+    assert learning_rate(cfg, 30.0, []) == pytest.approx(0.001)
+    assert learning_rate(cfg, 89.0, []) == pytest.approx(0.0001)

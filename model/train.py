@@ -70,7 +70,7 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption (they change no number).
-RESUME_MAY_CHANGE = {"resume", "epochs", "log_every", "checkpoint_minutes", "tensorboard", "loader_threads"}
+RESUME_MAY_CHANGE = {"resume", "out", "epochs", "log_every", "checkpoint_minutes", "tensorboard", "loader_threads"}
 
 
 class UsageError(Exception):
@@ -405,15 +405,17 @@ def train(cfg: TrainConfig) -> dict:
         train_time = time.perf_counter() - t_epoch
         steps_done = steps_per_epoch - done_before
         sums = evaluate(model, val_loader, device, bf16)
+        samples = torch.tensor(float(epoch_n), device=device)
         if world > 1:
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(epoch_loss)
+            for t in (sums, epoch_loss, samples):
+                torch.distributed.all_reduce(t)
         ev = summarize(sums)
         val_errors.append(ev["val_top1_error"])
         result = {"kind": "epoch", "epoch": epoch, "step": step,
                   "lr": learning_rate(cfg, epoch, val_errors[:-1]),  # the lr of this epoch (after warm-up)
                   "train_loss": epoch_loss.item() / max(1, steps_done) / world,
-                  **ev, "images_per_s": epoch_n * world / max(train_time, 1e-9),
+                  **ev, "images_per_s": samples.item() / max(train_time, 1e-9),
+                  "train_samples": int(samples.item()),  # over all ranks, this run of the epoch
                   "steps": steps_done, "epoch_seconds": time.perf_counter() - t_epoch}
         if main:  # logged before the checkpoint: a resume drops it again if the checkpoint never came
             metrics.log(result)

@@ -180,6 +180,12 @@ def _write_folder(out, cls_list, train, val, rng):
             _write_file(os.path.join(out, "train", cls_list[c].wnid, stem + ".JPEG"), data)
     for stem, c, data in val:
         _write_file(os.path.join(out, "val", cls_list[c].wnid, stem + ".JPEG"), data)
+    _write_synset_mapping(out, cls_list)  # class names, as many folder copies of ImageNet carry
+
+
+def _write_synset_mapping(out, cls_list):
+    with open(os.path.join(out, "LOC_synset_mapping.txt"), "w") as f:
+        f.writelines(f"{c.wnid} {c.name}\n" for c in cls_list)
 
 
 def _write_kaggle(out, cls_list, train, val, rng):
@@ -189,8 +195,7 @@ def _write_kaggle(out, cls_list, train, val, rng):
             _write_file(os.path.join(root, "train", cls_list[c].wnid, stem + ".JPEG"), data)
     for stem, c, data in val:
         _write_file(os.path.join(root, "val", stem + ".JPEG"), data)
-    with open(os.path.join(out, "LOC_synset_mapping.txt"), "w") as f:
-        f.writelines(f"{c.wnid} {c.name}\n" for c in cls_list)
+    _write_synset_mapping(out, cls_list)
     rows = [(stem, f"{cls_list[c].wnid} 10 20 200 220 {cls_list[c].wnid} 30 40 100 120 ") for stem, c, _ in val]
     rows = [rows[i] for i in rng.permutation(len(rows))]  # the real CSV is not in file order
     with open(os.path.join(out, "LOC_val_solution.csv"), "w", newline="") as f:

@@ -57,7 +57,7 @@ class TrainConfig:
     dropout: float = 0.5              # fc6, fc7 (section 4.2)
     seed: int = 0                     # weights, dropout, data order and augmentation
     devices: str = "auto"             # "cpu", "cuda", "cuda:1", or two halves "cuda:0,cuda:1"; auto: cuda if any
-    backend: str = "auto"             # data pipeline: "dali", "wds", or auto (DALI where it imports)
+    backend: str = "auto"             # data pipeline: "dali", "wds", auto (DALI where it imports); "synthetic" to time
     loader_threads: int = 0           # DALI threads / DataLoader workers per rank (0: all cores)
     bf16: bool = True                 # bf16 autocast on GPUs (ignored on the CPU, where it is slower)
     channels_last: bool = True        # NHWC memory on GPUs (faster convolutions; ignored on the CPU)

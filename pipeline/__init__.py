@@ -23,7 +23,8 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
 
     Defaults follow the split: train takes random crops, flips, lighting and a new
     order every epoch; other splits the centre crop in source order. crop="ten"
-    yields [B, 10, 3, 224, 224]. backend: "dali", "wds", or "auto" (DALI if it imports).
+    yields [B, 10, 3, 224, 224]. backend: "dali", "wds", "auto" (DALI if it imports), or
+    "synthetic" (fixed random batches of the split's size, for measuring the trainer alone).
     """
     from pipeline.loader import LoaderConfig
 
@@ -48,4 +49,7 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
     if backend == "wds":
         from pipeline.wds import WdsLoader
         return WdsLoader(cfg)
-    raise ValueError(f"backend must be 'auto', 'dali' or 'wds', not {backend!r}")
+    if backend == "synthetic":
+        from pipeline.synthetic import SyntheticLoader
+        return SyntheticLoader(cfg)
+    raise ValueError(f"backend must be 'auto', 'dali', 'wds' or 'synthetic', not {backend!r}")

@@ -231,6 +231,7 @@ def test_bad_input_one_line_error(sources, tmp_path, capsys, case):
         assert not os.path.exists(os.path.join(out, "dataset.json"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(sources, tmp_path):
     root, _ = sources["folder"]
     out = str(tmp_path / "out")

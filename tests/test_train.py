@@ -75,6 +75,7 @@ def _train_cmd(shards, out):
                                                               "--log-every", "1")]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_end_with_bitwise_the_same_weights(tiny_shards, tmp_path):
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     subprocess.run(_train_cmd(tiny_shards, ref), check=True, capture_output=True, cwd=REPO)
@@ -103,6 +104,7 @@ def test_sigkill_and_resume_end_with_bitwise_the_same_weights(tiny_shards, tmp_p
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(tiny_shards, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",

@@ -227,7 +227,213 @@ def bench_pipeline(a) -> dict:
     return res
 
 
-BENCHES = {"shards": bench_shards, "pca": bench_pca, "pipeline": bench_pipeline}
+# ------------------------------------------------------------------ train
+
+def bare_loop_rate(num_classes: int, batch: int, steps: int, device: str = "cpu") -> float:
+    """The baseline: the same model, batch and optimizer in a plain PyTorch loop."""
+    import torch
+    import torch.nn.functional as F
+    from model.alexnet import AlexNet, AlexNetConfig
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(num_classes=num_classes, init="kaiming")).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    for i in range(steps + 1):
+        if i == 1:  # the first step warms up allocators and kernels
+            t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    loss.item()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _trainer_rate(out: str, run: str, backend: str, batch: int) -> float:
+    from model import train
+    assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", "1", "--batch-size", str(batch),
+                               "--init", "kaiming", "--devices", "cpu", "--backend", backend,
+                               "--log-every", "1000"]) == 0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["images_per_s"]  # training loop only, not evaluation
+
+
+def bench_train(a) -> dict:
+    import shutil
+    from tools import compute_pca
+    batch, steps = a.batch or 32, a.steps or 6
+    print(f"trainer: AlexNet, batch {batch}, {steps} steps per contender, CPU ({os.cpu_count()} cores), "
+          "best of 2 (interleaved)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _shards(tmp, batch * (steps + 1))
+        _quiet(compute_pca.main, [out, "--quiet"])
+        best = {"bare": 0.0, "synthetic": 0.0, "dali": 0.0}
+        for _ in range(2):
+            best["bare"] = max(best["bare"], bare_loop_rate(10, batch, steps))
+            for backend in ("synthetic", "dali"):
+                run = os.path.join(tmp, f"run-{backend}")
+                shutil.rmtree(run, ignore_errors=True)
+                best[backend] = max(best[backend], _trainer_rate(out, run, backend, batch))
+    _line("bare PyTorch loop, synthetic batch (baseline)", best["bare"])
+    _line("model.train, synthetic batches", best["synthetic"])
+    _line("model.train, DALI pipeline on the shards", best["dali"])
+    print(f"  trainer overhead vs bare loop:            {100 * (1 - best['synthetic'] / best['bare']):+.1f}%  "
+          "(goal <= 5%)")
+    print(f"  real pipeline / synthetic batches:        {best['dali'] / best['synthetic']:.2f}x  "
+          "(on a CPU the pipeline and the model share the cores)")
+    return best
+
+
+# ------------------------------------------------------------------ gpu (tools/gpu_check.sh)
+
+def alexnet_train_flops(num_classes: int = 1000) -> float:
+    """FLOPs of one training image: 3x the forward pass (backward = 2x forward), multiply-adds as 2."""
+    fwd, hw = 0, {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}
+    from model.alexnet import CONVS
+    for name, cin, cout, k, _, _, groups in CONVS:
+        fwd += 2 * cout * (cin // groups) * k * k * hw[name] ** 2
+    fwd += 2 * (9216 * 4096 + 4096 * 4096 + 4096 * num_classes)
+    return 3.0 * fwd
+
+
+def bench_gpu(a) -> dict:
+    """The GPU check: pipeline semantics and rate, model throughput, end to end, the two halves."""
+    import torch
+    from pipeline import make_loader
+    from tools import compute_pca
+    dry = a.dry_run
+    if not dry and not torch.cuda.is_available():
+        print("gpu check: torch sees no CUDA GPU (use --dry-run to rehearse on the CPU)")
+        sys.exit(1)
+    dev = "cpu" if dry else "cuda"
+    images, batch = (a.images or (32 if dry else 3072)), (a.batch or (8 if dry else 256))
+    steps = a.steps or (2 if dry else 40)
+    report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(), "dry_run": dry,
+              "torch": torch.__version__, "images": images, "batch": batch, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import nvidia.dali
+        report["dali"] = nvidia.dali.__version__
+    except ImportError:
+        report["dali"] = None
+    print(f"GPU check on {report['device']}: torch {report['torch']}, DALI {report['dali']}, "
+          f"{images} generated images, batch {batch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _shards(tmp, images)
+        _quiet(compute_pca.main, [out, "--quiet"])
+
+        # 1. the DALI pipeline on the device against the CPU pipeline, same seed: same batches
+        print("1. DALI pipeline on the device vs on the CPU (first batch, same seed)")
+        sem = {}
+        for crop, split in (("random", "train"), ("center", "val"), ("ten", "val")):
+            kw = dict(split=split, batch_size=min(batch, 32), crop=crop, seed=5)
+            xc, yc = next(iter(make_loader(out, device="cpu", **kw)))
+            xg, yg = next(iter(make_loader(out, device=dev, **kw)))
+            diff = (xg.float().cpu() - xc).abs()
+            sem[crop] = {"labels_equal": bool(torch.equal(yc, yg.cpu())), "mean_abs_diff": diff.mean().item(),
+                         "max_abs_diff": diff.max().item(), "on_device": str(xg.device)}
+            ok = sem[crop]["labels_equal"] and sem[crop]["mean_abs_diff"] < 0.02
+            print(f"   {crop:6s}: labels equal {sem[crop]['labels_equal']}, mean |diff| "
+                  f"{sem[crop]['mean_abs_diff']:.2e}, max {sem[crop]['max_abs_diff']:.2e} (normalized units) "
+                  f"{'OK' if ok else 'MISMATCH'}")
+        report["pipeline_semantics"] = sem
+        loader = make_loader(out, "train", batch_size=batch, device=dev)
+        _epoch_rate(loader)  # warm-up epoch
+        report["pipeline_images_per_s"] = max(_epoch_rate(loader) for _ in range(2))
+        _line("   DALI training pipeline", report["pipeline_images_per_s"])
+
+        # 2. the model alone, synthetic batches: bf16 autocast, channels-last, with/without torch.compile
+        print("2. AlexNet training step on synthetic batches")
+        flops = alexnet_train_flops(10)
+        report["train_flops_per_image"] = flops
+        for compiled in ((False,) if dry else (False, True)):
+            rate = _model_rate(dev, batch, steps, compiled)
+            key = "model_compiled_images_per_s" if compiled else "model_images_per_s"
+            report[key] = rate
+            peak = a.peak_tflops * 1e12
+            _line(f"   {'torch.compile' if compiled else 'eager'} bf16 channels-last", rate,
+                  extra=f"  ({100 * rate * flops / peak:.1f}% of {a.peak_tflops:.0f} TFLOP/s)" if not dry else "")
+
+        # 3. end to end: the trainer with DALI, with synthetic batches, with the webdataset loader
+        print("3. model.train end to end (images/s of the training loop, second epoch)")
+        for backend in ("synthetic", "dali", "wds"):
+            run = os.path.join(tmp, f"run-{backend}")
+            report[f"trainer_{backend}_images_per_s"] = _trainer_gpu_rate(out, run, backend, batch, dev)
+            _line(f"   {backend}", report[f"trainer_{backend}_images_per_s"])
+        syn = report["trainer_synthetic_images_per_s"]
+        report["dali_vs_synthetic"] = report["trainer_dali_images_per_s"] / syn
+        report["wds_vs_synthetic"] = report["trainer_wds_images_per_s"] / syn
+        print(f"   DALI / synthetic {report['dali_vs_synthetic']:.2f}x (goal >= 0.9), "
+              f"webdataset / synthetic {report['wds_vs_synthetic']:.2f}x")
+
+    # 4. the two-halves layout computes the grouped layout's function
+    print("4. two halves vs grouped layout (same weights, eval mode)")
+    report["halves"] = {}
+    pairs = [("one device", (dev, dev))]
+    if not dry and torch.cuda.device_count() >= 2:
+        pairs.append(("two GPUs", ("cuda:0", "cuda:1")))
+    for label, devices in pairs:
+        report["halves"][label] = _halves_diff(devices)
+        print(f"   {label}: max |logit diff| {report['halves'][label]:.2e}")
+    return report
+
+
+def _model_rate(dev: str, batch: int, steps: int, compiled: bool) -> float:
+    import torch
+    import torch.nn.functional as F
+    from model.alexnet import AlexNet, AlexNetConfig
+    torch.manual_seed(0)
+    gpu = dev != "cpu"
+    model = AlexNet(AlexNetConfig(num_classes=10, init="kaiming")).to(dev)
+    x = torch.randn(batch, 3, 224, 224, device=dev)
+    if gpu:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    y = torch.randint(0, 10, (batch,), device=dev)
+
+    def step():
+        with torch.autocast(device_type="cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu):
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3 if not compiled else 5):  # warm-up (and compilation)
+        step()
+    step().item()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()  # one sync at the end
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _trainer_gpu_rate(out: str, run: str, backend: str, batch: int, dev: str) -> float:
+    from model import train
+    assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", "2", "--batch-size", str(batch),
+                               "--init", "kaiming", "--devices", dev, "--backend", backend,
+                               "--log-every", "1000"]) == 0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["images_per_s"]
+
+
+def _halves_diff(devices) -> float:
+    import torch
+    from model.alexnet import AlexNet, AlexNetConfig, TwoDeviceAlexNet, canonical_state, load_canonical
+    torch.manual_seed(0)
+    cfg = AlexNetConfig(num_classes=1000)
+    grouped = AlexNet(cfg).to(devices[0]).eval()
+    split = TwoDeviceAlexNet(cfg, devices).eval()
+    load_canonical(split, canonical_state(grouped))
+    x = torch.randn(8, 3, 224, 224, device=devices[0])
+    with torch.no_grad():
+        return (split(x) - grouped(x)).abs().max().item()
+
+
+BENCHES = {"shards": bench_shards, "pca": bench_pca, "pipeline": bench_pipeline, "train": bench_train,
+           "gpu": bench_gpu}
 
 
 def main(argv=None) -> int:
@@ -238,13 +444,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--dry-run", action="store_true", help="gpu: rehearse on the CPU with tiny sizes")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="gpu: the GPU's dense bf16 peak for the fraction of peak (H100/H200 SXM: 989)")
     a = p.parse_args(argv)
     results = {}
-    for name in (sorted(BENCHES) if a.what == "all" else [a.what]):
+    for name in ([b for b in sorted(BENCHES) if b != "gpu"] if a.what == "all" else [a.what]):
         results[name] = BENCHES[name](a)
     if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
+        print(f"report: {a.json}")
     return 0
 
 

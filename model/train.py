@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.alexnet import (AlexNetConfig, build, canonical_state, load_canonical, named_canonical_parameters,
-                           split_halves)
+from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical, named_canonical_parameters
 from pipeline import make_loader
 from pipeline.shards import ShardError
 
@@ -157,8 +156,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model, state: dict) -
         buf = state["momentum"].get(name)
         if buf is None:
             continue
-        pieces = [buf] if len(params) == 1 else split_halves({name: buf}, {name: params[0].shape[0]})
-        for p, piece in zip(params, pieces if len(params) == 1 else [pieces[0][name], pieces[1][name]]):
+        for p, piece in zip(params, torch.split(buf, [p.shape[0] for p in params])):  # halves: rows of dim 0
             optimizer.state[p]["momentum_buffer"] = piece.to(p.device).clone()
 
 
@@ -269,6 +267,11 @@ def train(cfg: TrainConfig) -> dict:
     for field, allowed in (("schedule", ("plateau", "step")),):
         if getattr(cfg, field) not in allowed:
             raise UsageError(f"--{field} must be one of {allowed}")
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     device = torch.device(devices[0])
     on_gpu = device.type == "cuda"
     bf16, channels_last = cfg.bf16 and on_gpu, cfg.channels_last and on_gpu and len(devices) == 1

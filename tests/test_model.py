@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model.alexnet import (AlexNet, AlexNetConfig, TwoDeviceAlexNet, canonical_state, load_canonical, make_lrn)
-from model.train import learning_rate, plateau_divisions, TrainConfig
+from model.train import TrainConfig, learning_rate, load_optimizer_state, optimizer_state, plateau_divisions
 
 
 def test_parameter_count_and_shapes():
@@ -124,3 +124,23 @@ def test_step_schedule_and_warmup():
     assert learning_rate(cfg, 29.9, []) == pytest.approx(0.01)
     assert learning_rate(cfg, 30.0, []) == pytest.approx(0.001)
     assert learning_rate(cfg, 89.0, []) == pytest.approx(0.0001)
+
+
+def test_momentum_moves_between_layouts():
+    """The checkpoint's optimizer state is keyed by canonical name: grouped -> halves -> grouped."""
+    torch.manual_seed(4)
+    cfg = AlexNetConfig(num_classes=6)
+    grouped = AlexNet(cfg)
+    opt = torch.optim.SGD(grouped.parameters(), lr=0.01, momentum=0.9)
+    F.cross_entropy(grouped(torch.randn(2, 3, 224, 224)), torch.tensor([0, 5])).backward()
+    opt.step()
+    state = optimizer_state(opt, grouped)
+    assert set(state["momentum"]) == set(grouped.state_dict())
+    split = TwoDeviceAlexNet(cfg, ("cpu", "cpu"))
+    opt2 = torch.optim.SGD(split.parameters(), lr=0.01, momentum=0.9)
+    load_optimizer_state(opt2, split, state)
+    back = optimizer_state(opt2, split)
+    for k, v in state["momentum"].items():
+        assert torch.equal(back["momentum"][k], v), k
+    rows = split.halves[0].conv2.weight.shape[0]
+    assert torch.equal(opt2.state[split.halves[1].conv2.weight]["momentum_buffer"], state["momentum"]["conv2.weight"][rows:])

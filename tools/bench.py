@@ -23,6 +23,8 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,14 +64,23 @@ def naive_loop(src: str, draft: bool = True) -> tuple[int, float]:
 
 
 def _interleaved(n: int, runs: dict, rounds: int = 3) -> dict:
-    """Images/s of each contender, best of `rounds`, taking turns so drift hits all alike."""
-    best = {k: float("inf") for k in runs}
+    """Images/s of each contender, best of `rounds`, taking turns so drift hits all alike.
+
+    Also `ratio:<a>/<b>` for every pair: the median over rounds of the ratio within
+    one round, which cancels drift slower than a round (this machine's speed wanders
+    by 10-30 % over minutes)."""
+    times = {k: [] for k in runs}
     for _ in range(rounds):
         for k, run in runs.items():
             t0 = time.perf_counter()
             run()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: n / t for k, t in best.items()}
+            times[k].append(time.perf_counter() - t0)
+    out = {k: n / min(t) for k, t in times.items()}
+    for a in runs:
+        for b in runs:
+            if a != b:
+                out[f"ratio:{a}/{b}"] = float(np.median([tb / ta for ta, tb in zip(times[a], times[b])]))
+    return out
 
 
 def _best_rate(n: int, run, repeats: int = 3) -> float:
@@ -115,7 +126,7 @@ def bench_shards(a) -> dict:
     from tools.imagenet_source import open_source
     images = a.images or 800
     print(f"make_shards: {images} generated source images of about 500x375 px, on {os.cpu_count()} cores "
-          "(best of 3 runs each)")
+          "(rates: best of 5 rounds)")
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = _source(tmp, images)
@@ -136,7 +147,7 @@ def bench_shards(a) -> dict:
             "workers1": ("make_shards --workers 1 (whole command)", shards_cmd(1)),
             "workers2": ("make_shards --workers 2 (whole command)", shards_cmd(2)),
         }
-        res.update(_interleaved(n, {k: fn for k, (_, fn) in contenders.items()}))
+        res.update(_interleaved(n, {k: fn for k, (_, fn) in contenders.items()}, rounds=5))
         for k, (label, _) in contenders.items():
             _line(label, res[k])
         if a.stock_python:
@@ -146,11 +157,12 @@ def bench_shards(a) -> dict:
             out = subprocess.run([a.stock_python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
             res["naive_stock_pillow"] = float(out[0])
             _line(f"naive loop under stock Pillow {out[1]}", res["naive_stock_pillow"])
-    print(f"  ratio make_shards 1 worker / naive loop:  {res['workers1'] / res['naive']:.2f}x  (goal >= 0.9)")
-    print(f"  ratio 2 workers / 1 worker:               {res['workers2'] / res['workers1']:.2f}x  (goal >= 1.8)")
-    print(f"  ratio 2 workers / 2 bare processes:       {res['workers2'] / res['bare2']:.2f}x  "
-          f"(this machine's 2-core ceiling is {res['bare2'] / res['naive']:.2f}x the naive loop)")
-    print(f"  ratio JPEG draft mode on / off (naive):   {res['naive'] / res['naive_no_draft']:.2f}x")
+    print("  (ratios: median over 5 rounds of the ratio within a round)")
+    print(f"  ratio make_shards 1 worker / naive loop:  {res['ratio:workers1/naive']:.2f}x  (goal >= 0.9)")
+    print(f"  ratio 2 workers / 1 worker:               {res['ratio:workers2/workers1']:.2f}x  (goal >= 1.8)")
+    print(f"  ratio 2 workers / 2 bare processes:       {res['ratio:workers2/bare2']:.2f}x  "
+          f"(this machine's 2-core ceiling is {res['ratio:bare2/naive']:.2f}x the naive loop)")
+    print(f"  ratio JPEG draft mode on / off (naive):   {res['ratio:naive/naive_no_draft']:.2f}x")
     if "naive_stock_pillow" in res:
         print(f"  ratio pillow-simd / stock Pillow (naive): {res['naive'] / res['naive_stock_pillow']:.2f}x")
     return res
@@ -188,10 +200,11 @@ def bench_pca(a) -> dict:
                 assert sum(pool.map(_decode_shard, paths)) == n
 
         res = _interleaved(n, {"decode": decode_only,
-                               "compute_pca": lambda: compute_pca.compute(out, workers, progress=False)})
+                               "compute_pca": lambda: compute_pca.compute(out, workers, progress=False)}, rounds=5)
     _line("pure decode loop over the shards (limit)", res["decode"])
     _line("compute_pca (decode + exact sums)", res["compute_pca"])
-    print(f"  ratio compute_pca / pure decode:          {res['compute_pca'] / res['decode']:.2f}x  (goal >= 0.9)")
+    print(f"  ratio compute_pca / pure decode:          {res['ratio:compute_pca/decode']:.2f}x  (goal >= 0.9; "
+          "median of 5 paired rounds)")
     return res
 
 

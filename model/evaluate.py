@@ -20,8 +20,8 @@ from pipeline import make_loader
 from pipeline.shards import ShardError
 
 
-def load_model(path: str, device: str, num_classes: int | None = None):
-    """(model in eval mode on `device`, checkpoint dict); UsageError on a bad file or class count."""
+def load_model(path: str, device: str):
+    """(model in eval mode on `device`, checkpoint dict); UsageError on a file that is no checkpoint."""
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such checkpoint")
     try:
@@ -29,8 +29,6 @@ def load_model(path: str, device: str, num_classes: int | None = None):
         model_cfg = AlexNetConfig(**ckpt["model_config"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UsageError(f"{path}: not a checkpoint of model.train ({type(e).__name__}: {e})") from None
-    if num_classes is not None and model_cfg.num_classes != num_classes:
-        raise UsageError(f"{path}: has {model_cfg.num_classes} classes, the shards have {num_classes}")
     model = build(model_cfg, [device])
     load_canonical(model, ckpt["model"])
     return model.eval(), ckpt
@@ -48,12 +46,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         device = parse_devices(a.devices)[0]
+        model, ckpt = load_model(a.checkpoint, device)
+        mode = ckpt["normalize"].get("mode", "std")
         try:
             loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
-                                 crop="ten" if a.ten_crop else "center", backend=a.backend)
+                                 crop="ten" if a.ten_crop else "center", backend=a.backend,
+                                 normalize=True if mode == "std" else "mean")
         except ShardError as e:
             raise UsageError(str(e)) from None
-        model, ckpt = load_model(a.checkpoint, device, len(loader.manifest["classes"]))
+        if ckpt["num_classes"] != len(loader.manifest["classes"]):
+            raise UsageError(f"{a.checkpoint}: has {ckpt['num_classes']} classes, the shards have "
+                             f"{len(loader.manifest['classes'])}")
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -20,14 +20,15 @@ from model.train import UsageError, parse_devices
 from pipeline import plan
 
 
-def preprocess(path: str, mean, std) -> torch.Tensor:
+def preprocess(path: str, mean, std, mode: str = "std") -> torch.Tensor:
     img = Image.open(path).convert("RGB")
     w, h = img.size
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
     img = np.asarray(img.resize((256, 256), Image.BICUBIC, box=box))  # as tools/make_shards.py does
-    return torch.from_numpy(plan.reference_augment(img, 0.5, 0.5, False, np.zeros(3), np.array(mean),
-                                                   np.array(std), dtype=np.float32))
+    std = np.array(std) if mode == "std" else np.full(3, 1 / 255)  # "mean": subtraction only, 0-255 units
+    return torch.from_numpy(plan.reference_augment(img, 0.5, 0.5, False, np.zeros(3), np.array(mean), std,
+                                                   dtype=np.float32))
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
         batch = []
         for path in a.images:
             try:
-                batch.append(preprocess(path, ckpt["normalize"]["mean"], ckpt["normalize"]["std"]))
+                norm = ckpt["normalize"]
+                batch.append(preprocess(path, norm["mean"], norm["std"], norm.get("mode", "std")))
             except OSError as e:
                 raise UsageError(f"{path}: cannot read the image ({e})") from None
     except UsageError as e:

@@ -54,6 +54,8 @@ class TrainConfig:
     lrn_layers: str = "paper"         # LRN after conv1, conv2 ("paper", section 3.3) or after all five ("all")
     lrn_convention: str = "paper"     # "paper": k + alpha*sum; "mean": k + alpha/n*sum (Caffe, PyTorch)
     dropout: float = 0.5              # fc6, fc7 (section 4.2)
+    input_norm: str = "std"           # "std": (x - mean) / std (DESIGN.md); "mean": x - mean in 0-255 units, the
+                                      # paper's only preprocessing (section 2), which its init needs (README)
     seed: int = 0                     # weights, dropout, data order and augmentation
     devices: str = "auto"             # "cpu", "cuda", "cuda:1", or two halves "cuda:0,cuda:1"; auto: cuda if any
     backend: str = "auto"             # data pipeline: "dali", "wds", auto (DALI where it imports); "synthetic" to time
@@ -264,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
             devices = [f"cuda:{local_rank}"]
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible across {world} ranks")
-    for field, allowed in (("schedule", ("plateau", "step")),):
+    for field, allowed in (("schedule", ("plateau", "step")), ("input_norm", ("std", "mean"))):
         if getattr(cfg, field) not in allowed:
             raise UsageError(f"--{field} must be one of {allowed}")
     if cfg.tensorboard:
@@ -290,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
 
     try:
         loader_args = dict(device=str(device), rank=rank, world_size=world, seed=cfg.seed, backend=cfg.backend,
-                           num_threads=cfg.loader_threads)
+                           num_threads=cfg.loader_threads, normalize=True if cfg.input_norm == "std" else "mean")
         train_loader = make_loader(cfg.shards, "train", batch_size=cfg.batch_size // world,
                                    channels_last=channels_last, **loader_args)
         val_loader = make_loader(cfg.shards, "val", batch_size=max(1, cfg.batch_size // world),
@@ -343,7 +345,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
-        print(f"AlexNet ({model_cfg.init} init, LRN {model_cfg.lrn_layers}/{model_cfg.lrn_convention}) on "
+        print(f"AlexNet ({model_cfg.init} init, LRN {model_cfg.lrn_layers}/{model_cfg.lrn_convention}, "
+              f"input {cfg.input_norm}-normalized) on "
               f"{'+'.join(devices)} x {world} rank(s), {num_classes} classes, {train_loader.num_samples * world} "
               f"train images/epoch, batch {cfg.batch_size}, lr {cfg.lr} ({cfg.schedule}), "
               f"loader {type(train_loader).__name__} -> {cfg.out}", flush=True)
@@ -360,7 +363,8 @@ def train(cfg: TrainConfig) -> dict:
                          "model_config": asdict(model_cfg), "num_classes": num_classes,
                          "classes": [c["name"] for c in manifest["classes"]],
                          "wnids": [c["wnid"] for c in manifest["classes"]],
-                         "normalize": {"mean": train_loader.pca["mean"], "std": train_loader.pca["std"]},
+                         "normalize": {"mean": train_loader.pca["mean"], "std": train_loader.pca["std"],
+                                       "mode": cfg.input_norm},
                          "shards": os.path.abspath(cfg.shards)}, ckpt_path)
 
     steps_per_epoch = len(train_loader)

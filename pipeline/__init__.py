@@ -16,7 +16,7 @@ from __future__ import annotations
 
 def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, device: str = "cpu",
                 rank: int = 0, world_size: int = 1, seed: int = 0, crop: str | None = None,
-                normalize: bool = True, lighting: bool | None = None, flip: bool | None = None,
+                normalize: bool | str = True, lighting: bool | None = None, flip: bool | None = None,
                 shuffle: bool | None = None, channels_last: bool = False, num_threads: int = 0,
                 backend: str = "auto"):
     """A loader over `split` of a shard directory (see pipeline/loader.py's LoaderConfig).

@@ -90,10 +90,9 @@ class DaliLoader(ShardLoader):
         self.device_id = (self.device.index or 0) if self.gpu else None
         self.threads = cfg.num_threads or min(os.cpu_count() or 1, 8 if self.gpu else 64)
         self._tmp = tempfile.mkdtemp(prefix="dali-idx-")
-        if cfg.normalize:
-            self.mean255, self.std255 = (255 * self.mean).tolist(), (255 * self.std).tolist()
-        else:
-            self.mean255, self.std255 = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+        mean, std = self.norm_params()
+        self.mean255 = (255 * mean).tolist() if mean is not None else [0.0, 0.0, 0.0]
+        self.std255 = (255 * std).tolist() if std is not None else [1.0, 1.0, 1.0]
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)

@@ -22,7 +22,8 @@ class LoaderConfig:
     world_size: int = 1
     seed: int = 0
     crop: str = "random"            # "random" (train), "center" or "ten" (eval)
-    normalize: bool = True          # (x - mean) / std with pca.json's mean/std; False: 0-255 units
+    normalize: bool | str = True    # True/"std": (x - mean) / std, pca.json's values (DESIGN.md);
+                                    # "mean": x - mean in 0-255 units (the paper, section 2); False: 0-255 units
     lighting: bool = True           # PCA lighting (paper, section 4.1); only with crop="random"
     flip: bool = True               # p = 0.5 horizontal flips; only with crop="random"
     shuffle: bool = True            # reshuffle every epoch (train); False: source order (eval)
@@ -39,6 +40,8 @@ class ShardLoader:
         if cfg.batch_size < 1 or not 0 <= cfg.rank < cfg.world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {cfg.batch_size}, "
                              f"{cfg.rank}, {cfg.world_size})")
+        if cfg.normalize not in (True, False, "std", "mean"):
+            raise ValueError(f"normalize must be True, False, 'std' or 'mean', not {cfg.normalize!r}")
         if cfg.crop != "random" and (cfg.lighting or cfg.flip):
             raise ValueError("lighting and flips are training augmentations: pass lighting=False, flip=False "
                              f"with crop={cfg.crop!r}")
@@ -112,6 +115,15 @@ class ShardLoader:
 
     def _epoch_batches(self, epoch: int, start: int, order: np.ndarray):
         raise NotImplementedError
+
+    def norm_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(mean, std) in [0, 1] units for plan.reference_augment; (None, None) for 0-255 output.
+        "mean" divides by 255 * (1/255) = 1: mean subtraction alone, in 0-255 units."""
+        if self.cfg.normalize in (True, "std"):
+            return self.mean, self.std
+        if self.cfg.normalize == "mean":
+            return self.mean, np.full(3, 1 / 255)
+        return None, None
 
     # -- shared augmentation inputs -----------------------------------------
     def params(self, epoch: int, batch: int) -> plan.BatchParams:

@@ -58,7 +58,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
         if cfg.crop == "random":
             p = ld.params(self.epoch, self.start + b)
             offsets = ld.lighting_offsets(p)
-        mean, std = (ld.mean, ld.std) if cfg.normalize else (None, None)
+        mean, std = ld.norm_params()
         for j, (shard, i) in enumerate(pairs):
             key = ld.entries[shard][i].key
             sample = self._shard(shard).get(key)

@@ -1,11 +1,13 @@
 """Measure how AlexNet's initialisations start: the paper's init, its variants, and Kaiming.
 
-    python -m tools.init_study SHARDS [--epochs 3] [--out runs/init_study]
+    python -m tools.init_study SHARDS [--epochs 3] [--out runs/init_study] [--diagnose-only]
 
-Trains each variant with the same data, seed and batch on SHARDS (model.train),
-then prints the training loss at each logged step and the validation error per
-epoch, and draws runs/init_study/init_study.png. On a GPU and real ImageNet, use
---epochs 5 or more: the paper's init is known to sit at chance for thousands of steps.
+First a diagnosis in seconds: for one real batch at initialisation, how much of
+the logits depends on the image, and the size of conv1's gradient, under the
+pipeline's std normalisation and under the paper's mean subtraction alone.
+Then it trains each variant with the same data, seed and batch on SHARDS
+(model.train), prints the training loss and the validation error per epoch,
+and draws OUT/init_study.png. On a GPU and real ImageNet use --epochs 5 or more.
 """
 from __future__ import annotations
 
@@ -20,8 +22,31 @@ VARIANTS = {
     "paper, LRN alpha/n": ["--lrn-convention", "mean"],  # the Caffe/PyTorch reading of the LRN formula
     "paper, LRN all five": ["--lrn-layers", "all"],
     "paper, 1-epoch warm-up": ["--warmup-epochs", "1"],
+    "paper, mean-only input": ["--input-norm", "mean"],  # the paper's preprocessing (section 2): 0-255 units
     "kaiming": ["--init", "kaiming"],
 }
+
+
+def diagnose(shards: str) -> None:
+    """Signal at init: the spread of the logits across images (eval mode), relative to their size."""
+    import torch
+    import torch.nn.functional as F
+    from model.alexnet import AlexNet, AlexNetConfig
+    from pipeline import make_loader
+    loader = make_loader(shards, "train", batch_size=64, lighting=False, num_threads=1)
+    x, y = next(iter(loader))
+    std = torch.tensor(loader.std, dtype=torch.float32).view(1, 3, 1, 1)
+    inputs = {"(x - mean) / std": x, "x - mean, 0-255 (paper)": x * std * 255}
+    print("init     input                      logit spread across images / logit size   |conv1 grad|")
+    for init in ("paper", "kaiming"):
+        for name, inp in inputs.items():
+            torch.manual_seed(0)
+            model = AlexNet(AlexNetConfig(num_classes=len(loader.classes), init=init)).eval()
+            out = model(inp)
+            F.cross_entropy(out, y).backward()
+            spread = (out.std(0).mean() / out.abs().mean()).item()
+            print(f"{init:8s} {name:26s} {spread:10.2e}                              "
+                  f"{model.conv1.weight.grad.norm().item():.2e}")
 
 
 def main(argv=None) -> int:
@@ -31,7 +56,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--devices", default="auto")
     p.add_argument("--out", default="runs/init_study")
+    p.add_argument("--diagnose-only", action="store_true", help="only the signal-at-init table")
     a = p.parse_args(argv)
+    diagnose(a.shards)
+    if a.diagnose_only:
+        return 0
     from model import train
     curves = {}
     for name, extra in VARIANTS.items():

@@ -29,10 +29,9 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
-from multiprocessing import Pool
+import multiprocessing
 
 if __package__ in (None, ""):  # run as `python tools/make_shards.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,24 +95,44 @@ def process_image(data: bytes, opts: ShardOptions) -> tuple[bytes, tuple[int, in
 
 
 _worker_opts: ShardOptions | None = None
+_worker_out: str = ""
+_worker_progress = None  # shared counter of images done, for the main process's progress bar
 
 
-def _init_worker(opts: ShardOptions) -> None:
-    global _worker_opts
-    _worker_opts = opts
+def _init_worker(opts: ShardOptions, out: str, progress) -> None:
+    global _worker_opts, _worker_out, _worker_progress
+    _worker_opts, _worker_out, _worker_progress = opts, out, progress
 
 
-def _work(task: tuple[SourceSample, int]):
-    """Runs in a worker process: source sample -> its packed tar members, or the error.
-
-    Never raises, so one bad file cannot stop the pool."""
-    sample, label = task
+def _encode_sample(sample: SourceSample, label: int):
+    """Source sample -> (its packed tar members, None) or (None, the error). Never raises."""
     try:
         jpg, orig = process_image(sample.read(), _worker_opts)
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per file
         return None, f"{type(e).__name__}: {e}".replace("\n", " ")
     return pack_sample(sample.key, jpg, label, {"wnid": sample.wnid, "source": sample.source,
                                                 "orig_size": list(orig)}), None
+
+
+def _make_shard(task: tuple[str, list]) -> dict:
+    """Runs in a worker: one whole shard, written by the worker itself (tar and index).
+
+    Workers own whole shards, so no image crosses a process boundary and the main
+    process does no per-image work; a shard's bytes depend only on its samples."""
+    name, items = task
+    writer, skipped, failed = ShardWriter(), [], []
+    for k, (sample, label) in enumerate(items, 1):
+        packed, err = _encode_sample(sample, label)
+        if err is not None:
+            (skipped if _worker_opts.allow_skips else failed).append({"source": sample.source, "reason": err})
+        else:
+            writer.add_packed(sample.key, *packed)
+        if k % 16 == 0 or k == len(items):
+            with _worker_progress.get_lock():
+                _worker_progress.value += 16 if k % 16 == 0 else k % 16
+    if failed:  # an incomplete shard is never written; the run fails at the end
+        return {"name": name, "failed": failed}
+    return {"name": name, "shard": writer.finish(os.path.join(_worker_out, name)), "skipped": skipped}
 
 
 # ---------------------------------------------------------------- the run
@@ -148,18 +167,56 @@ class ShardRun:
                 done[rec["shard"]["file"]] = rec
         return done
 
+    def _plan(self) -> list[tuple[str, str, np.ndarray]]:
+        """(split, shard file, sample indices) for every shard of the run."""
+        plan = []
+        for split in self.opts.splits:
+            n = len(self.src.splits[split])
+            order = np.arange(n)
+            if split == "train":  # one global shuffle, so every shard is a random draw of all classes
+                order = np.random.default_rng(self.opts.seed).permutation(n)
+            per = self.opts.shard_samples
+            plan += [(split, shard_name(split, k), order[i: i + per]) for k, i in enumerate(range(0, n, per))]
+        return plan
+
     def run(self) -> int:
         os.makedirs(self.out, exist_ok=True)
         for tmp in glob.glob(os.path.join(self.out, "*.tmp-*")):  # partial files of a killed run
             os.remove(tmp)
         done = self._load_journal()
+        plan = self._plan()
+        todo = [(name, [(self.src.splits[split][i], self.src.label(self.src.splits[split][i].wnid)) for i in idx])
+                for split, name, idx in plan if name not in done]
+        records = {name: done[name] for _, name, _ in plan if name in done}
         t0 = time.time()
-        with Pool(self.workers, initializer=_init_worker, initargs=(self.opts,)) as pool:
-            for split in self.opts.splits:
-                self._split(pool, split, done)
+        progress = multiprocessing.Value("q", 0)
+        bar = tqdm(total=sum(len(items) for _, items in todo), unit="img", dynamic_ncols=True, mininterval=1.0,
+                   file=sys.stderr)
+        with multiprocessing.Pool(self.workers, initializer=_init_worker,
+                                  initargs=(self.opts, self.out, progress)) as pool:
+            pending = [pool.apply_async(_make_shard, (task,)) for task in todo]
+            while pending:
+                pending[0].wait(0.5)
+                bar.update(progress.value - bar.n)
+                for r in [r for r in pending if r.ready()]:
+                    pending.remove(r)
+                    res = r.get()
+                    if "failed" in res:
+                        self.failed += [(f["source"], f["reason"]) for f in res["failed"]]
+                        continue
+                    rec = {"shard": res["shard"], "skipped": res["skipped"]}
+                    with open(self.journal_path, "a") as f:
+                        f.write(json.dumps(rec, sort_keys=True) + "\n")
+                    records[res["name"]] = rec
+        bar.update(progress.value - bar.n)
+        bar.close()
+        for split in self.opts.splits:
+            names = [name for sp, name, _ in plan if sp == split and name in records]
+            self.records[split] = [records[n]["shard"] for n in names]
+            self.skipped += [s for n in names for s in records[n]["skipped"]]
         elapsed = time.time() - t0
         if self.failed:
-            for source, reason in self.failed:
+            for source, reason in sorted(self.failed):
                 print(f"make_shards: {os.path.join(self.src.root, source)}: cannot decode ({reason})", file=sys.stderr)
             print(f"make_shards: {len(self.failed)} undecodable image(s); no dataset.json written. "
                   "Rerun with --allow-skips to list them in the manifest's `skipped` and go on.", file=sys.stderr)
@@ -167,50 +224,6 @@ class ShardRun:
         self._write_manifest()
         self._summary(elapsed)
         return 0
-
-    def _split(self, pool: Pool, split: str, done: dict) -> None:
-        samples = self.src.splits[split]
-        order = np.arange(len(samples))
-        if split == "train":  # one global shuffle, so every shard is a random draw of all classes
-            order = np.random.default_rng(self.opts.seed).permutation(len(samples))
-        per = self.opts.shard_samples
-        plan = [(shard_name(split, n), order[i: i + per]) for n, i in enumerate(range(0, len(order), per))]
-        todo = [(name, idx) for name, idx in plan if name not in done]
-        records = {name: done[name] for name, _ in plan if name in done}
-
-        # Feed the pool through a bounded window: memory stays flat whatever the
-        # dataset size, since results are consumed in order as shards fill.
-        window = threading.Semaphore(256 * self.workers)  # results held at most: ~30 KB each
-
-        def tasks():
-            for _, idx in todo:
-                for i in idx:
-                    window.acquire()
-                    yield samples[i], self.src.label(samples[i].wnid)
-
-        results = pool.imap(_work, tasks(), chunksize=16)  # 16: fewer, larger IPC messages
-        bar = tqdm(total=sum(len(i) for _, i in todo), unit="img", desc=f"{split:5s}", dynamic_ncols=True,
-                   initial=0, mininterval=1.0, file=sys.stderr)
-        for name, idx in todo:
-            writer, skipped, failed = ShardWriter(), [], []
-            for i in idx:
-                packed, err = next(results)
-                window.release()
-                if err is not None:
-                    (skipped if self.opts.allow_skips else failed).append({"source": samples[i].source, "reason": err})
-                else:
-                    writer.add_packed(samples[i].key, *packed)
-                bar.update(1)
-            if failed:  # the shard is incomplete: never written, the run fails at the end
-                self.failed += [(f["source"], f["reason"]) for f in failed]
-                continue
-            rec = {"split": split, "shard": writer.finish(os.path.join(self.out, name)), "skipped": skipped}
-            with open(self.journal_path, "a") as f:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
-            records[name] = rec
-        bar.close()
-        self.records[split] = [records[name]["shard"] for name, _ in plan if name in records]
-        self.skipped += [s for name, _ in plan if name in records for s in records[name]["skipped"]]
 
     def _write_manifest(self) -> None:
         manifest = {
@@ -228,6 +241,7 @@ class ShardRun:
             "skipped": sorted(self.skipped, key=lambda s: s["source"]),
             "command": self.command,
         }
+        os.sync()  # every shard on disk before the manifest says the directory is complete
         atomic_write(os.path.join(self.out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         os.remove(self.journal_path)
 

@@ -4,7 +4,6 @@ Session-scoped, so the suite generates each dataset once (a few seconds in all).
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """model/train.py, evaluate.py, predict.py end to end on tiny generated shards (CPU)."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil

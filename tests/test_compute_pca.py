@@ -148,3 +148,15 @@ def test_bad_input(shards, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not os.path.exists(os.path.join(out, "pca.json"))
+
+
+def test_pixel_sums_exact_beyond_one_uint32_block():
+    """Images larger than 65,536 pixels (--keep-aspect shards) are summed in blocks, still exactly."""
+    rng = np.random.default_rng(0)
+    worst = np.full((300, 400, 3), 255, np.uint8)  # 120,000 pixels of the largest products
+    noisy = rng.integers(0, 256, (257, 391, 3), dtype=np.uint8)
+    for arr in (worst, noisy):
+        n, s1, s2 = compute_pca.pixel_sums(Image.fromarray(arr, "RGB"))
+        x = arr.reshape(-1, 3).astype(np.int64)
+        assert n == x.shape[0]
+        assert np.array_equal(s1, x.sum(0)) and np.array_equal(s2, x.T @ x)

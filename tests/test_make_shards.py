@@ -310,3 +310,14 @@ def test_dali_and_webdataset_read_the_shards(made):
     imgs, cls = p.run()
     assert [int(bytes(np.array(cls[i]))) for i in range(len(expected))] == [c for _, c in expected]
     assert np.array(imgs[0]).shape == (256, 256, 3)
+
+
+def test_ustar_header_is_tarfiles():
+    """The template header must be byte for byte what tarfile writes (shards stay as they were)."""
+    from pipeline.shards import ustar_header
+    for name, size in (("n01440764_10026.jpg", 123456), ("ILSVRC2012_val_00000001.json", 0), ("k.cls", 3)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="too long"):
+        ustar_header("x" * 100, 1)

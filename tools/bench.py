@@ -124,7 +124,7 @@ def bench_shards(a) -> dict:
     import shutil
     from tools import make_shards
     from tools.imagenet_source import open_source
-    images = a.images or 800
+    images = a.images or 1600  # enough that fixed costs (pool start, the one os.sync) weigh as little as they can here
     print(f"make_shards: {images} generated source images of about 500x375 px, on {os.cpu_count()} cores "
           "(rates: best of 5 rounds)")
     res = {}
@@ -134,22 +134,27 @@ def bench_shards(a) -> dict:
         naive_loop(src)  # warm the page cache so every contender reads from memory
         out = os.path.join(tmp, "out")
 
+        runs_made = []
+
         def shards_cmd(w):
-            def run():
-                shutil.rmtree(out, ignore_errors=True)
+            def run():  # a fresh OUT each time: deleting the last one is not make_shards' work
+                runs_made.append(f"{out}-{len(runs_made)}")
                 # 16 shards: workers own whole shards (1,251 of them for ImageNet's train split)
-                assert _quiet(make_shards.main, [src, out, "--splits", "train", "--workers", str(w),
+                assert _quiet(make_shards.main, [src, runs_made[-1], "--splits", "train", "--workers", str(w),
                                                  "--shard-samples", str(max(1, n // 16))]) == 0
             return run
 
+        # In this order every compared pair runs back to back within a round (drift cancels best).
         contenders = {
-            "naive": ("naive loop, 1 process (baseline)", lambda: naive_loop(src)),
             "naive_no_draft": ("naive loop without JPEG draft mode", lambda: naive_loop(src, draft=False)),
-            "bare2": ("ceiling: naive loop over 2 bare processes", lambda: _bare_processes(src, 2)),
+            "naive": ("naive loop, 1 process (baseline)", lambda: naive_loop(src)),
             "workers1": ("make_shards --workers 1 (whole command)", shards_cmd(1)),
             "workers2": ("make_shards --workers 2 (whole command)", shards_cmd(2)),
+            "bare2": ("ceiling: naive loop over 2 bare processes", lambda: _bare_processes(src, 2)),
         }
         res.update(_interleaved(n, {k: fn for k, (_, fn) in contenders.items()}, rounds=5))
+        for d in runs_made:
+            shutil.rmtree(d)
         for k, (label, _) in contenders.items():
             _line(label, res[k])
         if a.stock_python:

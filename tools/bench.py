@@ -249,34 +249,14 @@ def bench_pipeline(a) -> dict:
 
 # ------------------------------------------------------------------ train
 
-def bare_loop_rate(num_classes: int, batch: int, steps: int, device: str = "cpu") -> float:
-    """The baseline: the same model, batch and optimizer in a plain PyTorch loop."""
-    import torch
-    import torch.nn.functional as F
-    from model.alexnet import AlexNet, AlexNetConfig
-    torch.manual_seed(0)
-    model = AlexNet(AlexNetConfig(num_classes=num_classes, init="kaiming")).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    y = torch.randint(0, num_classes, (batch,), device=device)
-    for i in range(steps + 1):
-        if i == 1:  # the first step warms up allocators and kernels
-            t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    loss.item()
-    return steps * batch / (time.perf_counter() - t0)
-
-
-def _trainer_rate(out: str, run: str, backend: str, batch: int) -> float:
+def _trainer_rate(out: str, run: str, backend: str, batch: int, device: str = "cpu", epochs: int = 1) -> float:
+    """model.train's images/s over its training loop alone (not evaluation), in its last epoch."""
     from model import train
-    assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", "1", "--batch-size", str(batch),
-                               "--init", "kaiming", "--devices", "cpu", "--backend", backend,
+    assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", str(epochs), "--batch-size", str(batch),
+                               "--init", "kaiming", "--devices", device, "--backend", backend,
                                "--log-every", "1000"]) == 0
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["images_per_s"]  # training loop only, not evaluation
+        return [json.loads(line) for line in f][-1]["images_per_s"]
 
 
 def bench_train(a) -> dict:
@@ -290,7 +270,7 @@ def bench_train(a) -> dict:
         _quiet(compute_pca.main, [out, "--quiet"])
         best = {"bare": 0.0, "synthetic": 0.0, "dali": 0.0}
         for _ in range(2):
-            best["bare"] = max(best["bare"], bare_loop_rate(10, batch, steps))
+            best["bare"] = max(best["bare"], _model_rate("cpu", batch, steps, compiled=False, warmup=1))
             for backend in ("synthetic", "dali"):
                 run = os.path.join(tmp, f"run-{backend}")
                 shutil.rmtree(run, ignore_errors=True)
@@ -378,7 +358,7 @@ def bench_gpu(a) -> dict:
         print("3. model.train end to end (images/s of the training loop, second epoch)")
         for backend in ("synthetic", "dali", "wds"):
             run = os.path.join(tmp, f"run-{backend}")
-            report[f"trainer_{backend}_images_per_s"] = _trainer_gpu_rate(out, run, backend, batch, dev)
+            report[f"trainer_{backend}_images_per_s"] = _trainer_rate(out, run, backend, batch, dev, epochs=2)
             _line(f"   {backend}", report[f"trainer_{backend}_images_per_s"])
         syn = report["trainer_synthetic_images_per_s"]
         report["dali_vs_synthetic"] = report["trainer_dali_images_per_s"] / syn
@@ -398,7 +378,9 @@ def bench_gpu(a) -> dict:
     return report
 
 
-def _model_rate(dev: str, batch: int, steps: int, compiled: bool) -> float:
+def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | None = None) -> float:
+    """A bare PyTorch training loop (the baseline for the trainer): AlexNet, SGD, one fixed batch.
+    On a GPU with bf16 autocast and channels-last, as the trainer; warm-up steps are not timed."""
     import torch
     import torch.nn.functional as F
     from model.alexnet import AlexNet, AlexNetConfig
@@ -420,7 +402,7 @@ def _model_rate(dev: str, batch: int, steps: int, compiled: bool) -> float:
         opt.step()
         return loss
 
-    for _ in range(3 if not compiled else 5):  # warm-up (and compilation)
+    for _ in range(warmup if warmup is not None else (3 if not compiled else 5)):  # warm-up (and compilation)
         step()
     step().item()
     t0 = time.perf_counter()
@@ -428,15 +410,6 @@ def _model_rate(dev: str, batch: int, steps: int, compiled: bool) -> float:
         loss = step()
     loss.item()  # one sync at the end
     return steps * batch / (time.perf_counter() - t0)
-
-
-def _trainer_gpu_rate(out: str, run: str, backend: str, batch: int, dev: str) -> float:
-    from model import train
-    assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", "2", "--batch-size", str(batch),
-                               "--init", "kaiming", "--devices", dev, "--backend", backend,
-                               "--log-every", "1000"]) == 0
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["images_per_s"]
 
 
 def _halves_diff(devices) -> float:

@@ -120,16 +120,17 @@ def _make_shard(task: tuple[str, list]) -> dict:
     Workers own whole shards, so no image crosses a process boundary and the main
     process does no per-image work; a shard's bytes depend only on its samples."""
     name, items = task
-    writer, skipped, failed = ShardWriter(), [], []
+    writer, skipped, failed, reported = ShardWriter(), [], [], 0
     for k, (sample, label) in enumerate(items, 1):
         packed, err = _encode_sample(sample, label)
         if err is not None:
             (skipped if _worker_opts.allow_skips else failed).append({"source": sample.source, "reason": err})
         else:
             writer.add_packed(sample.key, *packed)
-        if k % 16 == 0 or k == len(items):
+        if k % 16 == 0 or k == len(items):  # the shared counter's lock: once per 16 images
             with _worker_progress.get_lock():
-                _worker_progress.value += 16 if k % 16 == 0 else k % 16
+                _worker_progress.value += k - reported
+            reported = k
     if failed:  # an incomplete shard is never written; the run fails at the end
         return {"name": name, "failed": failed}
     return {"name": name, "shard": writer.finish(os.path.join(_worker_out, name)), "skipped": skipped}

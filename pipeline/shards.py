@@ -206,21 +206,63 @@ def split_shards(manifest: dict, shards_dir: str, split: str) -> list[dict]:
             for s in splits[split]["shards"]]
 
 
-def iter_tar_samples(path: str):
-    """(key, {ext: bytes}) for each sample of a shard, in tar order; ShardError on a bad tar."""
+_ZERO_BLOCK = bytes(TAR_BLOCK)
+
+
+def iter_tar_files(data: bytes, path: str):
+    """(name, bytes) of each regular file of an in-memory ustar tar, in order.
+
+    A strict reader of what ShardWriter writes (plain ustar headers, checksummed,
+    ended by a zero block), 10x cheaper than tarfile: tarfile's per-member Python
+    costs ~30 us, a fifth of a 256x256 JPEG decode. Anything else is a ShardError
+    naming `path`: a bad checksum, a member cut short, a missing end, pax or GNU
+    extension headers (which our shards never contain)."""
+    pos, end = 0, len(data)
+    while pos + TAR_BLOCK <= end:
+        header = data[pos:pos + TAR_BLOCK]
+        if header == _ZERO_BLOCK:
+            return
+        try:
+            stored = int(header[148:156].replace(b"\0", b" ").strip(), 8)
+            size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+        except ValueError:
+            raise ShardError(f"{path}: not a tar header at byte {pos}") from None
+        if stored != sum(header) - sum(header[148:156]) + 8 * ord(" "):
+            raise ShardError(f"{path}: tar header checksum mismatch at byte {pos} (corrupt shard)")
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        kind = header[156:157]
+        start = pos + TAR_BLOCK
+        if start + size > end:
+            raise ShardError(f"{path}: truncated: member {name.decode(errors='replace')} ends past the file")
+        if kind in (b"0", b"\0"):
+            yield name.decode(), data[start:start + size]
+        elif kind != b"5":  # directories carry no data; anything else is not ours
+            raise ShardError(f"{path}: unsupported tar entry type {kind!r} at byte {pos} "
+                             f"({name.decode(errors='replace')})")
+        pos = start + size + (-size % TAR_BLOCK)
+    raise ShardError(f"{path}: truncated: no end-of-archive block")
+
+
+def iter_tar_samples(path: str, data: bytes | None = None):
+    """(key, {ext: bytes}) for each sample of a shard, in tar order; ShardError on a bad tar.
+
+    `data`: the shard's bytes where the caller has read them already (compute_pca
+    hashes them first)."""
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read ({e.strerror})") from None
     key, sample = None, {}
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k, _, ext = m.name.partition(".")
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample[ext] = tf.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{path}: unreadable or truncated tar ({e})") from None
+    for name, member in iter_tar_files(data, path):
+        k, _, ext = name.rpartition("/")[2].partition(".")
+        if k != key and key is not None:
+            yield key, sample
+            sample = {}
+        key = k
+        sample[ext] = member
     if key is not None:
         yield key, sample

@@ -4,6 +4,7 @@ Session-scoped, so the suite generates each dataset once (a few seconds in all).
 """
 from __future__ import annotations
 
+import tarfile
 
 import pytest
 import torch
@@ -32,6 +33,24 @@ def sources(tmp_path_factory):
         root = str(tmp_path_factory.mktemp(f"src_{layout}"))
         out[layout] = (root, make_sample_data.generate(root, layout, **SMALL))
     return out
+
+
+def tarfile_samples(path: str):
+    """(key, {ext: bytes}) of a shard read with the standard library's tarfile: a reader
+    independent of pipeline.shards, so tests of what we write do not trust our own reader."""
+    key, sample = None, {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, _, ext = m.name.partition(".")
+            if k != key and key is not None:
+                yield key, sample
+                sample = {}
+            key = k
+            sample[ext] = tf.extractfile(m).read()
+    if key is not None:
+        yield key, sample
 
 
 def build_shards(src: str, out: str, *extra: str) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SMALL, build_shards
+from conftest import SMALL, build_shards, tarfile_samples
 from pipeline.shards import iter_tar_samples, load_manifest, read_index
 from tools import make_sample_data, make_shards, verify_shards
 from tools.imagenet_source import SourceError, open_source
@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def all_samples(out: str, split: str):
     m = load_manifest(out)
     for shard in m["splits"][split]["shards"]:
-        yield from iter_tar_samples(os.path.join(out, shard["file"]))
+        yield from tarfile_samples(os.path.join(out, shard["file"]))
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +321,41 @@ def test_ustar_header_is_tarfiles():
         assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
     with pytest.raises(ValueError, match="too long"):
         ustar_header("x" * 100, 1)
+
+
+def test_shard_reader_agrees_with_tarfile(made):
+    """pipeline.shards' own tar reader gives what the standard library's tarfile gives."""
+    for split in ("train", "val"):
+        for shard in load_manifest(made["folder"])["splits"][split]["shards"]:
+            path = os.path.join(made["folder"], shard["file"])
+            assert list(iter_tar_samples(path)) == list(tarfile_samples(path))
+
+
+@pytest.mark.parametrize("case", ["cut_in_member", "cut_at_member", "bad_checksum", "pax_header"])
+def test_shard_reader_rejects_what_is_not_a_whole_ustar_shard(tmp_path, case):
+    from pipeline.shards import ShardError, ShardWriter
+    path = str(tmp_path / "train-000000.tar")
+    w = ShardWriter()
+    for i in range(3):
+        w.add(f"k{i}", b"\xff\xd8" + bytes(range(256)) * 3, i, {"i": i})
+    w.finish(path)
+    data = bytearray(open(path, "rb").read())
+    if case == "cut_in_member":
+        data = data[:1000]
+    elif case == "cut_at_member":
+        data = data[:read_index(path[:-4] + ".idx")[1].members[0][1] - 512]  # just before sample 1's header
+    elif case == "bad_checksum":
+        data[1] ^= 1  # a byte of the first member's name
+    else:  # a pax extended header, as tarfile writes for a name over 100 bytes
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            info = tarfile.TarInfo("x" * 120 + ".jpg")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+        data = bytearray(buf.getvalue())
+    open(path, "wb").write(bytes(data))
+    expected = {"cut_in_member": "truncated: member", "cut_at_member": "truncated: no end-of-archive",
+                "bad_checksum": "checksum mismatch at byte 0", "pax_header": "unsupported tar entry type b'x'"}[case]
+    with pytest.raises(ShardError, match=expected) as e:
+        list(iter_tar_samples(path))
+    assert str(e.value).startswith(path + ": ")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tarfile_samples
 from pipeline import make_loader, plan
 from pipeline.shards import ShardError, atomic_write, iter_tar_samples, load_manifest, sha256_file
 
@@ -25,7 +26,7 @@ def decoded(shards):
     for split in ("train", "val"):
         imgs, labels = [], []
         for shard in m["splits"][split]["shards"]:
-            samples = list(iter_tar_samples(os.path.join(shards, shard["file"])))
+            samples = list(tarfile_samples(os.path.join(shards, shard["file"])))
             imgs.append([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for _, s in samples])
             labels.append([int(s["cls"]) for _, s in samples])
         out[split] = (imgs, labels)

@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test test-fast demo bench clean-demo
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py tools/_rgbsums.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, so nothing below pulls a different (multi-GB CUDA) build.

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import MANIFEST, ShardWriter, atomic_write, iter_tar_samples, load_manifest, shard_name
+from conftest import tarfile_samples
+from pipeline.shards import MANIFEST, ShardWriter, atomic_write, load_manifest, shard_name
 from tools import compute_pca
 
 
@@ -18,7 +19,7 @@ def decoded_train_pixels(out: str, limit: int | None = None) -> np.ndarray:
     """All counted train pixels as an (N, 3) uint8 array, decoded here independently."""
     rows = []
     for shard in load_manifest(out)["splits"]["train"]["shards"]:
-        for _, s in iter_tar_samples(os.path.join(out, shard["file"])):
+        for _, s in tarfile_samples(os.path.join(out, shard["file"])):
             if limit is not None and len(rows) >= limit:
                 break
             rows.append(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).reshape(-1, 3))
@@ -150,13 +151,41 @@ def test_bad_input(shards, tmp_path, capsys, case):
     assert not os.path.exists(os.path.join(out, "pca.json"))
 
 
-def test_pixel_sums_exact_beyond_one_uint32_block():
-    """Images larger than 65,536 pixels (--keep-aspect shards) are summed in blocks, still exactly."""
+def _reference_sums(arr: np.ndarray) -> tuple[int, ...]:
+    x = arr.reshape(-1, 3).astype(np.int64)
+    products = [int(x[:, i] @ x[:, j]) for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))]
+    return (x.shape[0], *(int(v) for v in x.sum(0)), *products)
+
+
+@pytest.mark.parametrize("kernel", ["C, Arrow", "C, RGB buffer", "C, RGBX buffer", "NumPy"])
+def test_image_sums_exact_in_every_kernel_and_beyond_one_uint32_block(kernel):
+    """Every path to the sums is exact, including images above 65,536 pixels (--keep-aspect
+    shards), which are summed in blocks, and the worst case of all-255 pixels."""
     rng = np.random.default_rng(0)
     worst = np.full((300, 400, 3), 255, np.uint8)  # 120,000 pixels of the largest products
     noisy = rng.integers(0, 256, (257, 391, 3), dtype=np.uint8)
-    for arr in (worst, noisy):
-        n, s1, s2 = compute_pca.pixel_sums(Image.fromarray(arr, "RGB"))
-        x = arr.reshape(-1, 3).astype(np.int64)
-        assert n == x.shape[0]
-        assert np.array_equal(s1, x.sum(0)) and np.array_equal(s2, x.T @ x)
+    small = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for arr in (worst, noisy, small):
+        img = Image.fromarray(arr, "RGB")
+        if kernel == "NumPy":
+            got = compute_pca.image_sums_numpy(img)
+        else:
+            assert compute_pca._rgbsums is not None, "the C kernel was not built (see setup.py)"
+            if kernel == "C, Arrow":
+                got = compute_pca._rgbsums.sums_arrow(*img.__arrow_c_array__())
+            elif kernel == "C, RGB buffer":
+                got = compute_pca._rgbsums.sums_buffer(arr, 3)
+            else:
+                rgbx = np.concatenate([arr, rng.integers(0, 256, arr.shape[:2] + (1,), dtype=np.uint8)], axis=2)
+                got = compute_pca._rgbsums.sums_buffer(rgbx, 4)
+        assert tuple(got) == _reference_sums(arr)
+    assert compute_pca.image_sums(Image.fromarray(noisy, "RGB")) == _reference_sums(noisy)
+
+
+def test_c_kernel_rejects_what_is_not_whole_pixels():
+    with pytest.raises(ValueError, match="not whole pixels"):
+        compute_pca._rgbsums.sums_buffer(b"\0" * 10, 3)
+    with pytest.raises(ValueError, match="not whole pixels"):
+        compute_pca._rgbsums.sums_buffer(b"\0" * 12, 2)
+    with pytest.raises(ValueError, match="not 4 x uint8"):
+        compute_pca._rgbsums.sums_arrow(*Image.new("L", (4, 4)).__arrow_c_array__())

@@ -63,24 +63,42 @@ def naive_loop(src: str, draft: bool = True) -> tuple[int, float]:
     return len(samples), time.perf_counter() - t0
 
 
+ROUNDS = 9  # paired rounds for the ratios with a goal: enough that the median rides out this machine's drift
+
+
 def _interleaved(n: int, runs: dict, rounds: int = 3) -> dict:
     """Images/s of each contender, best of `rounds`, taking turns so drift hits all alike.
 
     Also `ratio:<a>/<b>` for every pair: the median over rounds of the ratio within
     one round, which cancels drift slower than a round (this machine's speed wanders
-    by 10-30 % over minutes)."""
-    times = {k: [] for k in runs}
+    by 10-30 % over minutes), with `range:<a>/<b>`; and `cpu_ratio:<a>/<b>`, the same
+    for CPU seconds (all processes) instead of wall-clock: what the work costs, which
+    other tenants of the machine disturb less than they disturb the wall-clock."""
+    import resource
+    times, cpu = {k: [] for k in runs}, {k: [] for k in runs}
     for _ in range(rounds):
         for k, run in runs.items():
+            c0 = _cpu_seconds(resource)
             t0 = time.perf_counter()
             run()
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(_cpu_seconds(resource) - c0)
     out = {k: n / min(t) for k, t in times.items()}
+    out.update({f"cpu:{k}": n / float(np.median(c)) for k, c in cpu.items()})
     for a in runs:
         for b in runs:
             if a != b:
-                out[f"ratio:{a}/{b}"] = float(np.median([tb / ta for ta, tb in zip(times[a], times[b])]))
+                paired = sorted(tb / ta for ta, tb in zip(times[a], times[b]))
+                out[f"ratio:{a}/{b}"] = float(np.median(paired))
+                out[f"range:{a}/{b}"] = f"{paired[0]:.2f}-{paired[-1]:.2f}"
+                out[f"cpu_ratio:{a}/{b}"] = float(np.median([cb / ca for ca, cb in zip(cpu[a], cpu[b])]))
     return out
+
+
+def _cpu_seconds(resource) -> float:
+    """CPU seconds used so far by this process and its finished children (pool workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _best_rate(n: int, run, repeats: int = 3) -> float:
@@ -178,14 +196,15 @@ def bench_shards(a) -> dict:
 # ------------------------------------------------------------------ pca
 
 def _decode_shard(path: str) -> int:
-    """The limit for compute_pca: read a shard and decode every JPEG to an RGB array."""
+    """The limit for compute_pca: read a shard and decode every JPEG into pixels in memory.
+
+    Nothing more: no copy into a NumPy array (compute_pca reads Pillow's pixels in place)."""
     import io
-    import numpy as np
     from PIL import Image
     from pipeline.shards import iter_tar_samples
     n = 0
     for _, sample in iter_tar_samples(path):
-        np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        Image.open(io.BytesIO(sample["jpg"])).load()
         n += 1
     return n
 
@@ -196,7 +215,9 @@ def bench_pca(a) -> dict:
     from tools import compute_pca
     images = a.images or 2048
     workers = os.cpu_count()
-    print(f"compute_pca: {images} train images of 256x256, {workers} workers (best of 3, interleaved)")
+    print(f"compute_pca: {images} train images of 256x256, {workers} workers (rates: best of {ROUNDS} rounds, "
+          "interleaved)")
+    print(f"  sums in {compute_pca.KERNEL}")
     with tempfile.TemporaryDirectory() as tmp:
         out = _shards(tmp, images)
         paths = [s["path"] for s in split_shards(load_manifest(out), out, "train")]
@@ -207,11 +228,13 @@ def bench_pca(a) -> dict:
                 assert sum(pool.map(_decode_shard, paths)) == n
 
         res = _interleaved(n, {"decode": decode_only,
-                               "compute_pca": lambda: compute_pca.compute(out, workers, progress=False)}, rounds=5)
+                               "compute_pca": lambda: compute_pca.compute(out, workers, progress=False)},
+                           rounds=ROUNDS)
     _line("pure decode loop over the shards (limit)", res["decode"])
     _line("compute_pca (decode + exact sums)", res["compute_pca"])
     print(f"  ratio compute_pca / pure decode:          {res['ratio:compute_pca/decode']:.2f}x  (goal >= 0.9; "
-          "median of 5 paired rounds)")
+          f"median of {ROUNDS} paired rounds, range {res['range:compute_pca/decode']})")
+    print(f"  same in CPU seconds per image:            {res['cpu_ratio:compute_pca/decode']:.2f}x")
     return res
 
 

@@ -8,9 +8,10 @@ RGB covariance, its eigenvalues (descending) and unit eigenvectors, with pixels
 scaled to [0, 1]; `pixels`, `images`, and `source` (the sha256 of dataset.json).
 
 Exact: every pixel of every counted image goes into integer sums of x and of the
-products x_c * x_d (uint32 per block of 65,536 pixels, int64 beyond); per-shard
+products x_c * x_d (uint32 per block of 65,536 pixels, Python ints beyond); per-shard
 partial sums are combined as integers, and the result does not depend on
---workers or shard order. Only the final division rounds.
+--workers or shard order. Only the final division rounds. The sums run in a small
+C kernel (tools/_rgbsums.c, built at install), or in NumPy where it was not built.
 
 Sign convention: an eigenvector is defined up to sign; each is stored with the
 component of largest magnitude positive, so the file is deterministic.
@@ -25,6 +26,7 @@ import os
 import sys
 import time
 import multiprocessing
+import operator
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import MANIFEST, PCA_FILE, ShardError, atomic_write, load_manifest, split_shards
+from pipeline.shards import (MANIFEST, PCA_FILE, ShardError, atomic_write, iter_tar_samples, load_manifest,
+                             split_shards)
 
 # fb.resnet.torch's widely used ImageNet constants (pixels in [0, 1]); eigenvectors as columns there,
 # stored here as rows (one per eigenvalue) to match pca.json.
@@ -47,33 +50,56 @@ REFERENCE = {
 
 EXACT_BLOCK = 65536  # pixels: 65536 * 255 * 255 < 2^32, so uint32 sums of 8-bit products cannot overflow
 
+try:  # the C kernel (setup.py builds it at install; optional where there is no compiler)
+    from tools import _rgbsums
+except ImportError:
+    _rgbsums = None
+KERNEL = "C (tools/_rgbsums.c)" if _rgbsums else "NumPy (tools._rgbsums was not built: ~0.35 ms more per image)"
 
-def pixel_sums(img: Image.Image) -> tuple[int, np.ndarray, np.ndarray]:
-    """(pixels, sum of x per channel, 3x3 sum of x x^T) of an RGB image, exact, as int64.
 
-    One Gram matrix per block of pixels: rows R, G, B and a row of ones in uint32,
-    so G = P P^T holds the sums of products (3x3), the sums (last row) and the pixel
-    count, all exact integers. 0.31 ms for 256x256 here, beside a ~0.5 ms decode.
-    Measured alternatives, all exact: float64 planes with einsum or np.dot, 1.8 ms
-    (np.dot is faster in one process, but OpenBLAS's threads run 8x slower in
-    forked workers); an (N,3)^T (N,3) matmul 0.36 ms (BLAS is slow at 3-wide
-    shapes); PIL histograms of the bands and of |x_c - x_d| 0.76 ms; DALI
-    arithmetic and reductions on the CPU about 4 ms.
+SUMS = ("pixels", "r", "g", "b", "rr", "rg", "rb", "gg", "gb", "bb")  # the exact integer sums, in order
+
+
+def image_sums(img: Image.Image) -> tuple[int, ...]:
+    """The SUMS of an RGB image: its pixel count, the sums of R, G, B and of their six products.
+
+    With the C kernel: 0.017 ms for 256x256 here, beside a ~0.4-0.5 ms decode. It reads
+    the decoded pixels in place through Pillow's Arrow export (np.asarray would copy
+    them first: 0.06 ms); an image Pillow cannot export that way is read as an array.
+    """
+    if _rgbsums is None:
+        return image_sums_numpy(img)
+    try:
+        return _rgbsums.sums_arrow(*img.__arrow_c_array__())
+    except (AttributeError, ValueError):  # Pillow < 11.2, or an image in several memory blocks
+        return _rgbsums.sums_buffer(np.ascontiguousarray(img), 3)
+
+
+def image_sums_numpy(img: Image.Image) -> tuple[int, ...]:
+    """image_sums without the C kernel: one uint32 Gram matrix per block of pixels.
+
+    Rows R, G, B and a row of ones, so G = P P^T holds the sums of products (3x3),
+    the sums (last row) and the pixel count, all exact integers. 0.35 ms for 256x256
+    here. Measured alternatives, all exact and slower: float64 planes with einsum or
+    np.dot, 1.8 ms (OpenBLAS's threads run 8x slower in forked workers); an
+    (N,3)^T (N,3) matmul 0.36 ms; PIL histograms of the bands and of |x_c - x_d|
+    0.56-0.76 ms; torch float64 matmul 0.55 ms; DALI arithmetic on the CPU ~4 ms.
     """
     x = np.asarray(img).reshape(-1, 3)
-    s1, s2 = np.zeros(3, np.int64), np.zeros((3, 3), np.int64)
+    gram = np.zeros((4, 4), np.int64)
     for start in range(0, x.shape[0], EXACT_BLOCK):
         block = x[start:start + EXACT_BLOCK]
         p = np.ones((4, block.shape[0]), np.uint32)
         p[:3] = block.T
-        gram = np.einsum("ij,kj->ik", p, p).astype(np.int64)
-        s1 += gram[3, :3]
-        s2 += gram[:3, :3]
-    return x.shape[0], s1, s2
+        gram += np.einsum("ij,kj->ik", p, p).astype(np.int64)
+    return (x.shape[0], *(int(v) for v in gram[3, :3]), *(int(gram[i, j]) for i, j in _PRODUCTS))
+
+
+_PRODUCTS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # (channel, channel) of rr rg rb gg gb bb
 
 
 def shard_sums(task: tuple[str, str, int]) -> tuple:
-    """(images, pixels, s1, s2) of the first `limit` samples of one shard, or ('error', message)."""
+    """(images, SUMS) over the first `limit` samples of one shard, or ('error', message)."""
     path, sha256, limit = task
     try:
         with open(path, "rb") as f:
@@ -82,32 +108,29 @@ def shard_sums(task: tuple[str, str, int]) -> tuple:
         return ("error", f"{path}: cannot read ({e.strerror})")
     if hashlib.sha256(data).hexdigest() != sha256:
         return ("error", f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced shard)")
-    import tarfile
-    images, pixels = 0, 0
-    s1, s2 = np.zeros(3, np.int64), np.zeros((3, 3), np.int64)
+    images, totals = 0, (0,) * len(SUMS)  # Python ints: exact at any size
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for m in tf:
-                if images >= limit:
-                    break
-                if not m.name.endswith(".jpg"):
-                    continue
-                img = Image.open(io.BytesIO(tf.extractfile(m).read()))
-                img.load()
-                if img.mode != "RGB":
-                    return ("error", f"{path}: {m.name} is {img.mode}, not RGB")
-                n, a, b = pixel_sums(img)
-                images, pixels, s1, s2 = images + 1, pixels + n, s1 + a, s2 + b
-    except (tarfile.TarError, OSError) as e:
-        return ("error", f"{path}: unreadable sample ({e})")
-    return images, pixels, s1, s2
+        for key, sample in iter_tar_samples(path, data):
+            if images >= limit:
+                break
+            img = Image.open(io.BytesIO(sample["jpg"]))
+            img.load()
+            if img.mode != "RGB":
+                return ("error", f"{path}: {key}.jpg is {img.mode}, not RGB")
+            totals = tuple(map(operator.add, totals, image_sums(img)))
+            images += 1
+    except ShardError as e:
+        return ("error", str(e))
+    except (KeyError, OSError) as e:  # no .jpg member, or JPEG bytes PIL cannot decode
+        return ("error", f"{path}: unreadable sample {key} ({e})")
+    return images, totals
 
 
-def pca_from_sums(pixels: int, s1, s2) -> dict:
-    """Mean, std, covariance and eigenbasis in [0, 1] units from exact integer sums (population covariance)."""
-    n = int(pixels)
-    s1 = [int(v) for v in s1]
-    s2 = [[int(v) for v in row] for row in s2]
+def pca_from_sums(sums) -> dict:
+    """Mean, std, covariance and eigenbasis in [0, 1] units from exact integer SUMS (population covariance)."""
+    n, s1, s2 = int(sums[0]), [int(v) for v in sums[1:4]], [[0] * 3 for _ in range(3)]
+    for (i, j), v in zip(_PRODUCTS, sums[4:]):
+        s2[i][j] = s2[j][i] = int(v)
     # n^2 * 255^2 * cov = n * S2 - S1 S1^T, exactly in Python integers; one rounding at the end.
     cov = np.array([[(n * s2[i][j] - s1[i] * s1[j]) / (n * n * 255 * 255) for j in range(3)] for i in range(3)])
     mean = np.array(s1, dtype=np.float64) / (n * 255)
@@ -140,23 +163,22 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
             break
         tasks.append((s["path"], s["sha256"], min(left, s["samples"])))
         left -= s["samples"]
-    images, pixels = 0, 0
-    s1, s2 = np.zeros(3, np.int64), np.zeros((3, 3), np.int64)
+    images, totals = 0, (0,) * len(SUMS)
     bar = tqdm(total=sum(t[2] for t in tasks), unit="img", desc="pca", disable=not progress, file=sys.stderr,
                mininterval=1.0, dynamic_ncols=True)
     with multiprocessing.Pool(workers) as pool:
         for r in pool.imap_unordered(shard_sums, tasks):
             if r[0] == "error":
                 raise ShardError(r[1])
-            images, pixels, s1, s2 = images + r[0], pixels + r[1], s1 + r[2], s2 + r[3]
+            images, totals = images + r[0], tuple(map(operator.add, totals, r[1]))
             bar.update(r[0])
     bar.close()
     if images == 0:
         raise ShardError(f"{os.path.join(out, MANIFEST)}: no training images to count")
     with open(os.path.join(out, MANIFEST), "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()
-    result = pca_from_sums(pixels, s1, s2)
-    result.update({"pixels": int(pixels), "images": images, "max_images": max_images,
+    result = pca_from_sums(totals)
+    result.update({"pixels": int(totals[0]), "images": images, "max_images": max_images,
                    "source": {"file": MANIFEST, "sha256": source}, "units": "RGB in [0, 1]",
                    "sign_convention": "largest-magnitude component of each eigenvector is positive"})
     return result
@@ -198,7 +220,7 @@ def main(argv=None) -> int:
     if not a.quiet:
         dt = time.time() - t0
         print(f"{result['images']} images, {result['pixels']} pixels in {dt:.1f} s "
-              f"({result['images'] / max(dt, 1e-9):.0f} img/s) -> {path}")
+              f"({result['images'] / max(dt, 1e-9):.0f} img/s; sums in {KERNEL}) -> {path}")
         print(compare_with_reference(result))
     return 0
 

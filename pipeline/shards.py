@@ -61,20 +61,24 @@ def _header_template() -> bytes:
 
 
 _HEADER = _header_template()
+# The template with its name, size and checksum fields blanked: every header is these
+# bytes plus a name and a size, and its checksum this sum plus theirs.
+_BLANK = bytearray(_HEADER)
+_BLANK[0:100], _BLANK[124:136], _BLANK[148:156] = bytes(100), bytes(12), b" " * 8
+_BLANK = bytes(_BLANK)
+_BLANK_SUM = sum(_BLANK)
 
 
 def ustar_header(name: str, size: int) -> bytes:
     """The 512-byte ustar header tarfile writes for a regular file (mode 644, mtime 0, uid 0),
-    from a fixed template: 5x cheaper than TarInfo.tobuf, which cost 5 % of make_shards' time."""
+    from a fixed template: 1 us against TarInfo.tobuf's 16 us, which cost 5 % of make_shards' time."""
     raw = name.encode()
     if len(raw) >= 100:
         raise ValueError(f"member name {name!r} too long for a ustar header")
-    h = bytearray(_HEADER)
-    h[0:100] = raw.ljust(100, b"\0")
-    h[124:136] = b"%011o\0" % size
-    h[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    h[148:155] = b"%06o\0" % sum(h)
-    return bytes(h)
+    size_field = b"%011o\0" % size
+    checksum = _BLANK_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw.ljust(100, b"\0"), _BLANK[100:124], size_field, _BLANK[136:148],
+                     b"%06o\0 " % checksum, _BLANK[156:]))
 
 
 def pack_sample(key: str, jpg: bytes, label: int, meta: dict) -> tuple[bytes, tuple]:
@@ -122,10 +126,10 @@ class ShardWriter:
         self._parts.append(b"\0" * end)
         self._sha.update(self._parts[-1])
         self._size += end
-        # No fsync per shard: a killed process loses nothing that reached the page cache,
-        # a rerun re-verifies every shard's sha256, and make_shards syncs before its manifest.
+        # No fsync here: a killed process loses nothing that reached the page cache, a rerun
+        # re-verifies every shard's sha256, and make_shards flushes each shard before its manifest.
         atomic_write(index_name(tar_path), self.index_text().encode(), fsync=False)
-        atomic_write(tar_path, b"".join(self._parts), fsync=False)  # the tar last: a tar implies its index
+        atomic_write(tar_path, self._parts, fsync=False)  # the tar last: a tar implies its index
         return {"file": os.path.basename(tar_path), "samples": len(self.entries), "bytes": self._size,
                 "sha256": self._sha.hexdigest()}
 
@@ -158,14 +162,19 @@ def json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def atomic_write(path: str, data: bytes, fsync: bool = True) -> None:
+def atomic_write(path: str, data: bytes | list[bytes], fsync: bool = True) -> None:
     """Write to `<path>.tmp-<pid>`, rename: a reader never sees a partial file.
 
-    fsync=False leaves durability to the caller: make_shards writes many shards
-    and syncs once before its manifest (a per-file fsync cost ~10 ms a shard here)."""
+    `data` may be a list of chunks, written in turn (a shard's samples: joining them
+    first would copy tens of MB). fsync=False leaves durability to the caller:
+    make_shards flushes each shard from a background thread (a per-file fsync in
+    the worker cost ~10 ms a shard here)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        if isinstance(data, list):
+            f.writelines(data)
+        else:
+            f.write(data)
         if fsync:
             f.flush()
             os.fsync(f.fileno())

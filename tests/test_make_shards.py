@@ -359,3 +359,32 @@ def test_shard_reader_rejects_what_is_not_a_whole_ustar_shard(tmp_path, case):
     with pytest.raises(ShardError, match=expected) as e:
         list(iter_tar_samples(path))
     assert str(e.value).startswith(path + ": ")
+
+
+def test_every_shard_is_on_disk_before_the_manifest(sources, tmp_path, monkeypatch):
+    """Each tar, its index and OUT's entries are fsynced before dataset.json exists."""
+    out = str(tmp_path / "out")
+    synced = []
+    real = make_shards.fsync_file
+    monkeypatch.setattr(make_shards, "fsync_file",
+                        lambda path: (synced.append((path, os.path.exists(os.path.join(out, "dataset.json")))),
+                                      real(path)))
+    assert build_shards(sources["folder"][0], out) == 0
+    assert not any(manifest_there for _, manifest_there in synced)
+    files = {os.path.basename(p) for p, _ in synced}
+    for tar in glob.glob(os.path.join(out, "*.tar")):
+        assert os.path.basename(tar) in files and os.path.basename(tar)[:-4] + ".idx" in files
+    assert out in {p for p, _ in synced}
+
+
+def test_write_error_is_one_line_and_leaves_no_manifest(sources, tmp_path, monkeypatch, capsys):
+    import errno
+    out = str(tmp_path / "out")
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error", path)
+    monkeypatch.setattr(make_shards, "fsync_file", failing)
+    assert build_shards(sources["folder"][0], out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"make_shards: {out}/") and err[-1].endswith("Input/output error"), err[-1]
+    assert not os.path.exists(os.path.join(out, "dataset.json"))

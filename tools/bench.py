@@ -144,7 +144,7 @@ def bench_shards(a) -> dict:
     from tools.imagenet_source import open_source
     images = a.images or 1600  # enough that fixed costs (pool start, the one os.sync) weigh as little as they can here
     print(f"make_shards: {images} generated source images of about 500x375 px, on {os.cpu_count()} cores "
-          "(rates: best of 5 rounds)")
+          f"(rates: best of {ROUNDS} rounds)")
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = _source(tmp, images)
@@ -170,7 +170,7 @@ def bench_shards(a) -> dict:
             "workers2": ("make_shards --workers 2 (whole command)", shards_cmd(2)),
             "bare2": ("ceiling: naive loop over 2 bare processes", lambda: _bare_processes(src, 2)),
         }
-        res.update(_interleaved(n, {k: fn for k, (_, fn) in contenders.items()}, rounds=5))
+        res.update(_interleaved(n, {k: fn for k, (_, fn) in contenders.items()}, rounds=ROUNDS))
         for d in runs_made:
             shutil.rmtree(d)
         for k, (label, _) in contenders.items():
@@ -182,9 +182,12 @@ def bench_shards(a) -> dict:
             out = subprocess.run([a.stock_python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
             res["naive_stock_pillow"] = float(out[0])
             _line(f"naive loop under stock Pillow {out[1]}", res["naive_stock_pillow"])
-    print("  (ratios: median over 5 rounds of the ratio within a round)")
-    print(f"  ratio make_shards 1 worker / naive loop:  {res['ratio:workers1/naive']:.2f}x  (goal >= 0.9)")
-    print(f"  ratio 2 workers / 1 worker:               {res['ratio:workers2/workers1']:.2f}x  (goal >= 1.8)")
+    print(f"  (ratios: median over {ROUNDS} rounds of the ratio within a round)")
+    print(f"  ratio make_shards 1 worker / naive loop:  {res['ratio:workers1/naive']:.2f}x  (goal >= 0.9; "
+          f"range {res['range:workers1/naive']})")
+    print(f"  same in CPU seconds per image:            {res['cpu_ratio:workers1/naive']:.2f}x")
+    print(f"  ratio 2 workers / 1 worker:               {res['ratio:workers2/workers1']:.2f}x  (goal >= 1.8; "
+          f"range {res['range:workers2/workers1']})")
     print(f"  ratio 2 workers / 2 bare processes:       {res['ratio:workers2/bare2']:.2f}x  "
           f"(this machine's 2-core ceiling is {res['ratio:bare2/naive']:.2f}x the naive loop)")
     print(f"  ratio JPEG draft mode on / off (naive):   {res['ratio:naive/naive_no_draft']:.2f}x")

@@ -142,7 +142,7 @@ def bench_shards(a) -> dict:
     import shutil
     from tools import make_shards
     from tools.imagenet_source import open_source
-    images = a.images or 1600  # enough that fixed costs (pool start, the one os.sync) weigh as little as they can here
+    images = a.images or 1600  # enough that fixed costs (pool start, the manifest) weigh as little as they can here
     print(f"make_shards: {images} generated source images of about 500x375 px, on {os.cpu_count()} cores "
           f"(rates: best of {ROUNDS} rounds)")
     res = {}

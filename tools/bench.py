@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -72,19 +73,17 @@ def _interleaved(n: int, runs: dict, rounds: int = 3) -> dict:
     Also `ratio:<a>/<b>` for every pair: the median over rounds of the ratio within
     one round, which cancels drift slower than a round (this machine's speed wanders
     by 10-30 % over minutes), with `range:<a>/<b>`; and `cpu_ratio:<a>/<b>`, the same
-    for CPU seconds (all processes) instead of wall-clock: what the work costs, which
-    other tenants of the machine disturb less than they disturb the wall-clock."""
-    import resource
+    for CPU seconds (all processes) instead of wall-clock: what the work costs, apart
+    from waiting (on this VM it varies from run to run about as much as the wall-clock)."""
     times, cpu = {k: [] for k in runs}, {k: [] for k in runs}
     for _ in range(rounds):
         for k, run in runs.items():
-            c0 = _cpu_seconds(resource)
+            c0 = _cpu_seconds()
             t0 = time.perf_counter()
             run()
             times[k].append(time.perf_counter() - t0)
-            cpu[k].append(_cpu_seconds(resource) - c0)
+            cpu[k].append(_cpu_seconds() - c0)
     out = {k: n / min(t) for k, t in times.items()}
-    out.update({f"cpu:{k}": n / float(np.median(c)) for k, c in cpu.items()})
     for a in runs:
         for b in runs:
             if a != b:
@@ -95,7 +94,7 @@ def _interleaved(n: int, runs: dict, rounds: int = 3) -> dict:
     return out
 
 
-def _cpu_seconds(resource) -> float:
+def _cpu_seconds() -> float:
     """CPU seconds used so far by this process and its finished children (pool workers, once joined)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

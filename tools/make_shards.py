@@ -206,9 +206,9 @@ class ShardRun:
         # Each finished shard is flushed to disk by a thread of this (otherwise idle) process
         # while the workers go on: by the manifest, nothing is left to wait for. (One os.sync()
         # at the end cost ~1 % of a run here, and on a shared machine syncs everyone's files.)
+        # The pool first: its workers are forked before the syncer starts a thread.
         with multiprocessing.Pool(self.workers, initializer=_init_worker,
-                                  initargs=(self.opts, self.out, progress)) as pool:
-            syncer = ThreadPoolExecutor(1)  # started after the fork: workers inherit no thread
+                                  initargs=(self.opts, self.out, progress)) as pool, ThreadPoolExecutor(1) as syncer:
             flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
             pending = [pool.apply_async(_make_shard, (task,)) for task in todo]
             while pending:
@@ -229,7 +229,6 @@ class ShardRun:
         bar.close()
         for f in flushed:  # every shard on disk before the manifest says the directory is complete
             f.result()
-        syncer.shutdown()
         for split in self.opts.splits:
             names = [name for sp, name, _ in plan if sp == split and name in records]
             self.records[split] = [records[n]["shard"] for n in names]
@@ -246,7 +245,8 @@ class ShardRun:
         return 0
 
     def _flush(self, name: str) -> None:
-        for path in (os.path.join(self.out, name), index_name(os.path.join(self.out, name))):
+        tar = os.path.join(self.out, name)
+        for path in (tar, index_name(tar)):
             fsync_file(path)
 
     def _write_manifest(self) -> None:

@@ -11,6 +11,7 @@ manifest's size (--quick skips the decoding). Exit 0 when clean, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ if __package__ in (None, ""):
 from PIL import Image
 
 from pipeline.shards import (MANIFEST, ShardError, index_text, iter_tar_samples, load_manifest, read_index,
-                             sha256_file, split_shards)
+                             split_shards)
 
 
 def verify(out: str, decode: bool = True) -> list[str]:
@@ -43,13 +44,15 @@ def verify(out: str, decode: bool = True) -> list[str]:
             if not os.path.exists(path):
                 problems.append(f"{path}: missing")
                 continue
-            if os.path.getsize(path) != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+            with open(path, "rb") as f:
+                data = f.read()  # once, for the checksum, the index and the samples
+            if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{path}: size or sha256 differs from {MANIFEST}")
                 continue
-            problems += _check_index(shard["index"], path)
+            problems += _check_index(shard["index"], path, data)
             try:
                 n = 0
-                for key, sample in iter_tar_samples(path):
+                for key, sample in iter_tar_samples(path, data):
                     n += 1
                     problems += _check_sample(path, key, sample, wnid_of, size, keep_aspect, decode)
                     if key in keys:
@@ -66,16 +69,14 @@ def verify(out: str, decode: bool = True) -> list[str]:
     return problems
 
 
-def _check_index(idx_path: str, tar_path: str) -> list[str]:
-    """The index must be the one DALI's wds2idx would write for this tar."""
+def _check_index(idx_path: str, tar_path: str, data: bytes) -> list[str]:
+    """The index must be the one DALI's wds2idx would write for this tar (`data`: its bytes)."""
     if not os.path.exists(idx_path):
         return [f"{idx_path}: missing (DALI needs it)"]
     try:
         entries = read_index(idx_path)
     except ShardError as e:
         return [str(e)]
-    with open(tar_path, "rb") as f:
-        data = f.read()
     for e in entries:
         for ext, off, size in e.members:
             # the 512-byte ustar header before the data names the member

@@ -30,29 +30,39 @@ from torch import nn
 CONVS = (("conv1", 3, 96, 11, 4, 2, 1), ("conv2", 96, 256, 5, 1, 2, 2), ("conv3", 256, 384, 3, 1, 1, 1),
          ("conv4", 384, 384, 3, 1, 1, 2), ("conv5", 384, 256, 3, 1, 1, 2))
 ONE_BIASES = ("conv2", "conv4", "conv5", "fc6", "fc7")  # paper, section 5: biases initialised to 1
+# Caffe's bvlc_alexnet (BVLC/caffe models/bvlc_alexnet/train_val.prototxt): the same layers' biases at 0.1,
+# because 1 gave a flat loss there; fc6 and fc7 weights N(0, 0.005), every other weight N(0, 0.01).
+CAFFE_BIAS, CAFFE_FC_STD = 0.1, 0.005
 
 
 @dataclass(frozen=True)
 class AlexNetConfig:
     num_classes: int = 1000
-    lrn_layers: str = "paper"     # "paper": after conv1 and conv2 (section 3.3); "all": after all five convs
-    lrn_convention: str = "paper"  # "paper": k + alpha * sum(a^2) (section 3.3); "mean": k + alpha/n * sum (Caffe, PyTorch)
-    dropout: float = 0.5          # in fc6 and fc7 (section 4.2)
-    init: str = "paper"           # "paper": N(0, 0.01) weights, some biases 1 (section 5); "kaiming": He init
+    lrn_layers: str = "paper"        # "paper": after conv1 and conv2 (section 3.3); "all": after all five convs
+    lrn_convention: str = "alpha/n"  # "alpha/n": k + alpha/n * sum(a^2), as the authors' code computes it
+                                     # (cuda-convnet2 layer.py divides `scale` by `size`), Caffe and PyTorch;
+                                     # "alpha": k + alpha * sum(a^2), the paper's printed formula (section 3.3)
+    lrn_k: float = 2.0               # the paper's k (section 3.3; minDiv=2 in cuda-convnet2); Caffe's default is 1
+    dropout: float = 0.5             # in fc6 and fc7 (section 4.2)
+    init: str = "paper"              # "paper": N(0, 0.01) weights, some biases 1 (section 5); "caffe": bvlc_alexnet's;
+                                     # "kaiming": He-normal weights, zero biases
 
     def __post_init__(self):
-        checks = {"lrn_layers": ("paper", "all"), "lrn_convention": ("paper", "mean"), "init": ("paper", "kaiming")}
+        checks = {"lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
+                  "init": ("paper", "caffe", "kaiming")}
         for field, allowed in checks.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, not {getattr(self, field)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
 
 
 def make_lrn(cfg: AlexNetConfig) -> nn.Module:
-    # Paper: b = a / (k + alpha * sum_{n neighbours} a^2)^beta with k=2, n=5, alpha=1e-4, beta=0.75.
-    # PyTorch's LocalResponseNorm divides alpha by n, so the paper's alpha is alpha*n there.
+    # b = a / (k + alpha' * sum_{n neighbours} a^2)^beta with n=5, alpha=1e-4, beta=0.75 (section 3.3).
+    # PyTorch's LocalResponseNorm computes alpha' = alpha/n, so the printed formula needs alpha*n there.
     size, alpha = 5, 1e-4
-    return nn.LocalResponseNorm(size, alpha=alpha * size if cfg.lrn_convention == "paper" else alpha,
-                                beta=0.75, k=2.0)
+    return nn.LocalResponseNorm(size, alpha=alpha * size if cfg.lrn_convention == "alpha" else alpha,
+                                beta=0.75, k=cfg.lrn_k)
 
 
 def _lrn_after(cfg: AlexNetConfig) -> set[str]:
@@ -60,23 +70,28 @@ def _lrn_after(cfg: AlexNetConfig) -> set[str]:
 
 
 def init_weights(model: nn.Module, cfg: AlexNetConfig) -> None:
-    """Paper (section 5): weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+    """Paper (section 5): weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+    "caffe": biases 0.1 there and fc6/fc7 weights N(0, 0.005). "kaiming": He-normal, biases 0."""
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
             continue
         layer = name.split(".")[-1]
-        if cfg.init == "paper" or layer == "fc8":
-            nn.init.normal_(mod.weight, 0.0, 0.01)
-        else:
+        if cfg.init == "kaiming" and layer != "fc8":
             nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-        nn.init.constant_(mod.bias, 1.0 if (cfg.init == "paper" and layer in ONE_BIASES) else 0.0)
+        else:
+            std = CAFFE_FC_STD if (cfg.init == "caffe" and layer in ("fc6", "fc7")) else 0.01
+            nn.init.normal_(mod.weight, 0.0, std)
+        bias = {"paper": 1.0, "caffe": CAFFE_BIAS, "kaiming": 0.0}[cfg.init] if layer in ONE_BIASES else 0.0
+        nn.init.constant_(mod.bias, bias)
 
 
 class AlexNet(nn.Module):
     """The grouped, one-device layout. forward: float [N, 3, 224, 224] -> logits [N, num_classes]."""
 
-    def __init__(self, cfg: AlexNetConfig = AlexNetConfig()):
+    def __init__(self, num_classes: int = 1000, cfg: AlexNetConfig | None = None, **options):
+        """AlexNet(num_classes=1000, init="caffe", ...) as torchvision's constructors, or AlexNet(cfg=config)."""
         super().__init__()
+        cfg = cfg or AlexNetConfig(num_classes=num_classes, **options)
         self.cfg = cfg
         for name, cin, cout, k, s, p, g in CONVS:
             setattr(self, name, nn.Conv2d(cin, cout, k, s, p, groups=g))
@@ -130,10 +145,11 @@ class TwoDeviceAlexNet(nn.Module):
         self.cfg = cfg
         self.devices = [torch.device(d) for d in devices]
         n0 = (cfg.num_classes + 1) // 2
-        self.halves = nn.ModuleList([AlexNetHalf(cfg, n0).to(self.devices[0]),
-                                     AlexNetHalf(cfg, cfg.num_classes - n0).to(self.devices[1])])
+        self.halves = nn.ModuleList([AlexNetHalf(cfg, n0), AlexNetHalf(cfg, cfg.num_classes - n0)])
         self.lrn_after = _lrn_after(cfg)
-        init_weights(self, cfg)
+        init_weights(self, cfg)  # on the CPU, from the CPU generator, before the halves move: the same
+        for half, device in zip(self.halves, self.devices):  # draws as the grouped layout for one seed
+            half.to(device)
 
     def _both(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two halves' maps concatenated, once on each device (the GPUs talk only here)."""
@@ -192,25 +208,32 @@ def split_halves(state: dict, first_sizes: dict) -> tuple[dict, dict]:
 
 
 def build(cfg: AlexNetConfig, devices: list[str]) -> nn.Module:
-    """AlexNet on one device, or TwoDeviceAlexNet over two."""
+    """AlexNet on one device, or TwoDeviceAlexNet over two; initialised on the CPU either way."""
     if len(devices) == 1:
-        return AlexNet(cfg).to(devices[0])
+        return AlexNet(cfg=cfg).to(devices[0])
     if len(devices) == 2:
         return TwoDeviceAlexNet(cfg, (devices[0], devices[1]))
     raise ValueError(f"AlexNet runs on one device or two halves, not on {len(devices)} devices")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    model = getattr(model, "module", model)          # DDP
-    model = getattr(model, "_orig_mod", model)       # torch.compile
+    model = unwrap(model)
     if isinstance(model, TwoDeviceAlexNet):
         return model.canonical_state_dict()
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def load_canonical(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if isinstance(model, TwoDeviceAlexNet):
         model.load_canonical_state_dict(state)
     else:
@@ -219,8 +242,7 @@ def load_canonical(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def named_canonical_parameters(model: nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
     """(canonical name, [its parameter, or the two halves' parameters]) in a fixed order."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if isinstance(model, TwoDeviceAlexNet):
         p0, p1 = dict(model.halves[0].named_parameters()), dict(model.halves[1].named_parameters())
         return [(k, [p0[k], p1[k]]) for k in p0]

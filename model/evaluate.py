@@ -3,7 +3,10 @@
     python -m model.evaluate --checkpoint RUN/checkpoint.pt --shards DIR [--ten-crop] [--json FILE]
 
 Centre crop by default; --ten-crop averages the softmax of the paper's 10 crops
-(the 4 corners and the centre, each also mirrored; section 4.1).
+(the 4 corners and the centre, each also mirrored; section 4.1). The input is
+normalized with the values stored in the checkpoint, never with the shard
+directory's pca.json, so a finished model's error does not change with that file
+(and val-only shards need none).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from model.alexnet import AlexNetConfig, build, load_canonical
 from model.train import UsageError, evaluate, parse_devices, summarize
 from pipeline import make_loader
+from pipeline.normalization import Normalization
 from pipeline.shards import ShardError
 
 
@@ -27,6 +31,7 @@ def load_model(path: str, device: str):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model_cfg = AlexNetConfig(**ckpt["model_config"])
+        ckpt["normalization"] = Normalization.from_dict(ckpt["normalization"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UsageError(f"{path}: not a checkpoint of model.train ({type(e).__name__}: {e})") from None
     model = build(model_cfg, [device])
@@ -47,11 +52,10 @@ def main(argv=None) -> int:
     try:
         device = parse_devices(a.devices)[0]
         model, ckpt = load_model(a.checkpoint, device)
-        mode = ckpt["normalize"].get("mode", "std")
         try:
             loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
                                  crop="ten" if a.ten_crop else "center", backend=a.backend,
-                                 normalize=True if mode == "std" else "mean")
+                                 normalization=ckpt["normalization"])
         except ShardError as e:
             raise UsageError(str(e)) from None
         if ckpt["num_classes"] != len(loader.manifest["classes"]):

@@ -3,8 +3,8 @@
     python -m model.predict --checkpoint RUN/checkpoint.pt IMAGE [IMAGE ...]
 
 Each image gets make_shards' preprocessing (shorter side to 256, central 256
-square) and the evaluation's central 224 crop, normalised with the training
-set's mean and std, which the checkpoint carries with the class names.
+square) and the evaluation's central 224 crop, normalized as the run was
+(the checkpoint carries its Normalization with the class names).
 """
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ from PIL import Image
 
 from model.evaluate import load_model
 from model.train import UsageError, parse_devices
-from pipeline import plan
+from pipeline.normalization import Normalization
+from pipeline.plan import crop
 
 
-def preprocess(path: str, mean, std, mode: str = "std") -> torch.Tensor:
+def preprocess(path: str, norm: Normalization) -> torch.Tensor:
+    """An image file -> float32 [3, 224, 224], as the evaluation's centre crop sees a shard's image."""
     img = Image.open(path).convert("RGB")
     w, h = img.size
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
     img = np.asarray(img.resize((256, 256), Image.BICUBIC, box=box))  # as tools/make_shards.py does
-    std = np.array(std) if mode == "std" else np.full(3, 1 / 255)  # "mean": subtraction only, 0-255 units
-    return torch.from_numpy(plan.reference_augment(img, 0.5, 0.5, False, np.zeros(3), np.array(mean), std,
-                                                   dtype=np.float32))
+    return torch.from_numpy(norm.apply(crop(img, 0.5, 0.5, flip=False)))
 
 
 def main(argv=None) -> int:
@@ -44,8 +44,7 @@ def main(argv=None) -> int:
         batch = []
         for path in a.images:
             try:
-                norm = ckpt["normalize"]
-                batch.append(preprocess(path, norm["mean"], norm["std"], norm.get("mode", "std")))
+                batch.append(preprocess(path, ckpt["normalization"]))
             except OSError as e:
                 raise UsageError(f"{path}: cannot read the image ({e})") from None
     except UsageError as e:

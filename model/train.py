@@ -1,84 +1,90 @@
 """Train AlexNet on a shard directory.
 
-    python -m model.train --shards shards/imagenet --out runs/alexnet
-    python -m model.train --shards ... --devices cuda:0,cuda:1     # the paper's two halves
-    torchrun --nproc_per_node 8 -m model.train --shards ...       # data parallel (DDP)
+    python -m model.train --shards shards/imagenet --out runs/alexnet           # --recipe paper, the default
+    python -m model.train --shards ... --recipe caffe                          # Caffe's bvlc_alexnet
+    python -m model.train --shards ... --devices cuda:0,cuda:1                 # the paper's two halves
+    torchrun --nproc_per_node 8 -m model.train --shards ...                   # data parallel (DDP)
 
-The run directory gets config.json, metrics.jsonl (a JSON line per logged step
-and per epoch), plot.png (redrawn every epoch), and checkpoint.pt (written
-atomically at every epoch end and every --checkpoint-minutes). `--resume`
-continues from checkpoint.pt: with the same command, a run killed at any moment
-ends with bitwise the same weights as an uninterrupted one (on the CPU).
+What a run learns is its recipe (model/recipes.py): every value there can be
+overridden by its own flag, and config.json records the recipe's name and every
+resolved value. The run directory gets config.json, metrics.jsonl (a JSON line per
+logged step, per epoch and per warning), plot.png (redrawn every epoch), and
+checkpoint.pt (written atomically at every epoch end and every --checkpoint-minutes).
+`--resume` continues from checkpoint.pt: a run killed at any moment ends with
+bitwise the same weights as an uninterrupted one (on the CPU).
 
-Optimizer: PyTorch's SGD, g = grad + wd * w; v = m * v + g; w -= lr * v. With a
-constant learning rate this is the paper's rule (section 5: v <- 0.9 v - 0.0005 e w
-- e grad; w <- w + v) with v_paper = -lr * v; they differ only in how momentum
-carries across a change of lr. Weight decay applies to every parameter, as there.
+Optimizer: the paper's rule (section 5), per parameter group,
+    v <- m v - lr wd w - lr grad,   w <- w + v
+with the weights at (lr, weight decay) and the biases at (bias_lr_mult * lr, decay only
+with --bias-decay). PyTorch's SGD keeps b = -v / lr instead, which is the same rule at a
+constant lr; at a change of lr set_lr rescales b by old/new so that v carries over as
+in the paper, instead of acting at once with the new lr.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical, named_canonical_parameters
+from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, resolve
 from pipeline import make_loader
-from pipeline.shards import ShardError
+from pipeline.normalization import Normalization
+from pipeline.shards import MANIFEST, ShardError
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    shards: str = ""                  # shard directory with dataset.json and pca.json
-    out: str = "runs/alexnet"         # run directory
-    epochs: int = 90                  # passes over the training set ("roughly 90 cycles", section 5)
-    batch_size: int = 128             # images per step, over all ranks (section 5)
-    lr: float = 0.01                  # initial learning rate (section 5)
-    momentum: float = 0.9             # (section 5)
-    weight_decay: float = 5e-4        # on every parameter (section 5)
-    schedule: str = "plateau"         # "plateau": lr / 10 when the val error stops improving (section 5); "step"
-    plateau_patience: int = 2         # epochs without a new best val error before lr / 10 (the paper gives none)
-    max_lr_divisions: int = 3         # the paper divided the lr 3 times before stopping (section 5)
-    step_epochs: int = 30             # "step": lr / 10 every this many epochs (the common 90-epoch recipe)
-    warmup_epochs: float = 0.0        # linear ramp from lr/10 to lr over this many epochs (not in the paper)
-    init: str = "paper"               # "paper" (section 5) or "kaiming" (learns faster from scratch)
-    lrn_layers: str = "paper"         # LRN after conv1, conv2 ("paper", section 3.3) or after all five ("all")
-    lrn_convention: str = "paper"     # "paper": k + alpha*sum; "mean": k + alpha/n*sum (Caffe, PyTorch)
-    dropout: float = 0.5              # fc6, fc7 (section 4.2)
-    input_norm: str = "std"           # "std": (x - mean) / std (DESIGN.md); "mean": x - mean in 0-255 units, the
-                                      # paper's only preprocessing (section 2), which its init needs (README)
-    seed: int = 0                     # weights, dropout, data order and augmentation
-    devices: str = "auto"             # "cpu", "cuda", "cuda:1", or two halves "cuda:0,cuda:1"; auto: cuda if any
-    backend: str = "auto"             # data pipeline: "dali", "wds", auto (DALI where it imports); "synthetic" to time
-    loader_threads: int = 0           # DALI threads / DataLoader workers per rank (0: all cores)
-    bf16: bool = True                 # bf16 autocast on GPUs (ignored on the CPU, where it is slower)
-    channels_last: bool = True        # NHWC memory on GPUs (faster convolutions; ignored on the CPU)
-    compile: bool = False             # torch.compile the model
-    ten_crop: bool = False            # evaluate each epoch with the paper's 10 crops instead of the centre crop
-    log_every: int = 20               # steps per logged train loss (each log is one GPU sync)
-    checkpoint_minutes: float = 30.0  # also at every epoch end; 0 = after every step
-    tensorboard: bool = False         # also log to RUN/tensorboard
-    resume: bool = False              # continue from RUN/checkpoint.pt
+    """How to run: where, on what, how often to log and save. What is learned is the recipe's."""
+    shards: str = _f("", "shard directory with dataset.json and pca.json (required)")
+    out: str = _f("runs/alexnet", "run directory")
+    recipe: str = _f("paper", f"training recipe: {', '.join(RECIPES)} (model/recipes.py, README)")
+    overrides: dict = field(default_factory=dict)  # recipe fields set by their own flags
+    seed: int = _f(0, "seed of the weights, dropout, data order and augmentation")
+    devices: str = _f("auto", "'cpu', 'cuda', 'cuda:1', or two halves 'cuda:0,cuda:1'; auto: cuda if any")
+    backend: str = _f("auto", "data pipeline: 'dali', 'wds', auto (DALI where it imports); 'synthetic' to time")
+    loader_threads: int = _f(0, "DALI threads / DataLoader workers per rank (0: all cores)")
+    bf16: bool = _f(True, "bf16 autocast on GPUs (ignored on the CPU, where it is slower)")
+    channels_last: bool = _f(True, "NHWC memory on GPUs (faster convolutions; ignored on the CPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    ten_crop: bool = _f(False, "evaluate each epoch with the paper's 10 crops instead of the centre crop")
+    log_every: int = _f(20, "steps per logged train loss (each log is one GPU sync)")
+    checkpoint_minutes: float = _f(30.0, "minutes between checkpoints, besides every epoch end; 0 = every step")
+    stall_steps: int = _f(2000, "warn if the train loss is still within 1%% of ln(classes) after this many "
+                                "steps (0: never)")
+    tensorboard: bool = _f(False, "also log to RUN/tensorboard")
+    resume: bool = _f(False, "continue from RUN/checkpoint.pt (a new run if there is none)")
 
 
-# Fields that may differ between a run and its resumption (they change no number).
-RESUME_MAY_CHANGE = {"resume", "out", "epochs", "log_every", "checkpoint_minutes", "tensorboard", "loader_threads"}
+# Run options that may differ between a run and its resumption: they change no number.
+# The recipe (but its epochs), the seed and the data set's identity may not.
+RESUME_MAY_CHANGE_RECIPE = {"epochs"}
 
 
 class UsageError(Exception):
     """A bad option or input: printed as one line, exit status 2, nothing written."""
 
 
-# ---------------------------------------------------------------- schedule (plain functions)
+class Diverged(Exception):
+    """The training loss became non-finite: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------- schedule and optimizer (plain functions)
 
 def plateau_divisions(val_errors: list[float], patience: int, max_divisions: int) -> int:
     """How often the lr has been divided by 10 after these epochs' val errors."""
@@ -93,16 +99,53 @@ def plateau_divisions(val_errors: list[float], patience: int, max_divisions: int
     return divisions
 
 
-def learning_rate(cfg: TrainConfig, epoch: float, val_errors: list[float]) -> float:
-    """lr at (fractional) `epoch`, given the val errors of the finished epochs."""
-    if cfg.schedule == "plateau":
-        k = plateau_divisions(val_errors, cfg.plateau_patience, cfg.max_lr_divisions)
+def learning_rate(recipe: Recipe, epoch: float, val_errors: list[float]) -> float:
+    """The weights' lr at (fractional) `epoch`, given the val errors of the finished epochs."""
+    if recipe.schedule == "plateau":
+        k = plateau_divisions(val_errors, recipe.plateau_patience, recipe.max_lr_divisions)
     else:
-        k = int(epoch // cfg.step_epochs)
-    lr = cfg.lr / 10 ** k
-    if epoch < cfg.warmup_epochs:
-        lr *= 0.1 + 0.9 * epoch / cfg.warmup_epochs
+        k = int(epoch // recipe.step_epochs)
+    lr = recipe.lr / 10 ** k
+    if epoch < recipe.warmup_epochs:
+        lr *= 0.1 + 0.9 * epoch / recipe.warmup_epochs
     return lr
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
+    """SGD with two parameter groups: weights (lr, weight decay) and biases (bias_lr_mult * lr,
+    weight decay only with bias_decay). Each group's "lr_mult" is what set_lr multiplies."""
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    groups = [{"params": weights, "lr_mult": 1.0, "weight_decay": recipe.weight_decay},
+              {"params": biases, "lr_mult": recipe.bias_lr_mult,
+               "weight_decay": recipe.weight_decay if recipe.bias_decay else 0.0}]
+    return torch.optim.SGD([{**g, "lr": recipe.lr * g["lr_mult"]} for g in groups], lr=recipe.lr,
+                           momentum=recipe.momentum)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The weights' lr for the next step. Momentum buffers are rescaled by old/new lr, so that the
+    paper's velocity v = -lr * buffer carries over a change of lr unchanged (module docstring)."""
+    for group in optimizer.param_groups:
+        new = lr * group["lr_mult"]
+        old = group["lr"]
+        if new != old:
+            bufs = [optimizer.state[p]["momentum_buffer"] for p in group["params"]
+                    if optimizer.state.get(p, {}).get("momentum_buffer") is not None]
+            if bufs and old > 0:
+                torch._foreach_mul_(bufs, old / new)
+            group["lr"] = new
+
+
+def train_step(net, optimizer, images, labels, lr: float, bf16: bool) -> torch.Tensor:
+    """One SGD step on the batch mean of the cross-entropy; returns the loss (detached, no sync)."""
+    set_lr(optimizer, lr)
+    with torch.autocast(device_type=labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(net(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 # ---------------------------------------------------------------- set-up
@@ -137,20 +180,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def dataset_id(shards: str) -> str:
+    """The shard set's identity: sha256 of its dataset.json (which holds every shard's sha256),
+    whatever path it is reached by."""
+    with open(os.path.join(shards, MANIFEST), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def save_atomic(obj, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict:
-    """SGD's momentum buffers by canonical parameter name: loads into either model layout."""
+    """SGD's momentum buffers by canonical parameter name (they load into either model layout),
+    and each group's current lr (the scale the buffers were accumulated at)."""
     momentum = {}
     for name, params in named_canonical_parameters(model):
         bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
         if all(b is not None for b in bufs):
             momentum[name] = torch.cat([b.detach().cpu() for b in bufs])
-    return {"momentum": momentum}
+    return {"momentum": momentum, "lr": [g["lr"] for g in optimizer.param_groups]}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model, state: dict) -> None:
@@ -160,6 +215,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model, state: dict) -
             continue
         for p, piece in zip(params, torch.split(buf, [p.shape[0] for p in params])):  # halves: rows of dim 0
             optimizer.state[p]["momentum_buffer"] = piece.to(p.device).clone()
+    for group, lr in zip(optimizer.param_groups, state.get("lr", [])):
+        group["lr"] = lr
 
 
 def rng_state() -> dict:
@@ -170,22 +227,27 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores what this machine can hold: a checkpoint from a machine with more (or fewer) GPUs
+    restores the generators of the GPUs both have."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        for i, s in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, loader, device, bf16: bool) -> dict:
-    """Loss and top-1/top-5 error over this rank's part of the split (sums; the caller reduces)."""
+def evaluate(model, loader, device, bf16: bool) -> torch.Tensor:
+    """[loss sum, top-1 right, top-5 right, samples] over this rank's part of the split (the caller
+    reduces). Ten crops: the softmax outputs of the crops are averaged (section 4.1)."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right, samples
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right
+    samples = 0  # counted on the host: no device sync per batch
     for images, labels in loader:
         labels = labels.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            if images.dim() == 5:  # ten crops: average the softmax outputs (section 4.1)
+            if images.dim() == 5:
                 b, n = images.shape[:2]
                 probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, n, -1).mean(1)
             else:
@@ -193,10 +255,10 @@ def evaluate(model, loader, device, bf16: bool) -> dict:
         top5 = probs.topk(min(5, probs.shape[1]), 1).indices
         sums += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
                              (top5[:, 0] == labels).sum().double(),
-                             (top5 == labels[:, None]).any(1).sum().double(),
-                             torch.tensor(float(len(labels)), device=device, dtype=torch.float64)])
+                             (top5 == labels[:, None]).any(1).sum().double()])
+        samples += len(labels)
     model.train()
-    return sums
+    return torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=device)])
 
 
 def summarize(sums: torch.Tensor) -> dict:
@@ -220,7 +282,7 @@ def draw_plot(path: str, epochs: list[dict]) -> None:
     ax[1].plot(x, [100 * e["val_top5_error"] for e in epochs], "o-", label="top-5")
     ax[1].set(title="validation error (%)", xlabel="epoch", ylim=(0, 100))
     ax[2].semilogy(x, [e["lr"] for e in epochs], "o-")
-    ax[2].set(title="learning rate", xlabel="epoch")
+    ax[2].set(title="learning rate (weights)", xlabel="epoch")
     for a in ax[:2]:
         a.legend()
     for a in ax:
@@ -238,7 +300,11 @@ class Metrics:
     def __init__(self, path: str, resume_at: tuple[int, int] | None):
         self.path = path
         self.epochs: list[dict] = []
-        if resume_at is not None and os.path.exists(path):
+        if resume_at is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        if os.path.exists(path):
             epoch, step = resume_at
             with open(path) as f:
                 kept = [json.loads(line) for line in f if line.strip()]
@@ -254,9 +320,116 @@ class Metrics:
             self.epochs.append(record)
 
 
+class LossGuard:
+    """Non-finite losses, noticed without a GPU sync per step: each step marks the first bad step
+    on the device, and check() (at every log and before every checkpoint) raises Diverged."""
+
+    def __init__(self, device: torch.device, world: int):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.world = world
+        self.lrs: dict[int, float] = {}  # step -> lr since the last check, to name the bad step's lr
+
+    def record(self, loss: torch.Tensor, step: int, lr: float) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.lrs[step] = lr
+
+    def check(self) -> None:
+        first = self.first_bad.clone()
+        if self.world > 1:  # every rank stops at the same check, or the others would hang
+            torch.distributed.all_reduce(first, torch.distributed.ReduceOp.MAX)
+        bad = int(first.item())
+        if bad >= 0:
+            raise Diverged(f"the training loss is not finite at step {bad} (lr {self.lrs.get(bad, float('nan')):g})")
+        self.lrs.clear()
+
+
+def stall_warning(loss: float, num_classes: int, step: int, recipe_name: str) -> str | None:
+    """A warning if `loss` is still within 1 % of ln(C), the loss of a uniform guess."""
+    chance = math.log(num_classes)
+    if abs(loss - chance) > 0.01 * chance:
+        return None
+    others = ", ".join(f"--recipe {r}" for r in RECIPES if r != recipe_name)
+    return (f"train loss {loss:.3f} is still at chance (ln {num_classes} = {chance:.3f}) after {step} steps of "
+            f"--recipe {recipe_name}: this run may not learn; consider {others} or --init kaiming "
+            "(README: 'Recipes')")
+
+
 # ---------------------------------------------------------------- the run
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything one training process holds; made by setup(), advanced by train_epoch()."""
+    cfg: TrainConfig
+    recipe: Recipe
+    rank: int
+    world: int
+    devices: list[str]
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    model_cfg: AlexNetConfig
+    model: torch.nn.Module          # the module itself (canonical state, evaluation)
+    net: torch.nn.Module            # what the steps call: DDP and/or compiled around the model
+    optimizer: torch.optim.Optimizer
+    norm: Normalization
+    train_loader: object
+    val_loader: object
+    ckpt_path: str
+    dataset: str                    # dataset_id of the shards
+    val_errors: list[float]
+    start_epoch: int
+    step: int
+    metrics: Metrics | None = None  # rank 0 only
+    tb: object = None
+    stall_checked: bool = False
+    saved_step: int | None = None   # the step of the checkpoint on disk, if any
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.model_cfg.num_classes
+
+
+def resolve_recipe(cfg: TrainConfig) -> Recipe:
+    try:
+        recipe = resolve(cfg.recipe, cfg.overrides)
+        recipe.validate()
+    except (KeyError, ValueError) as e:
+        raise UsageError(str(e).strip("'\"")) from None
+    return recipe
+
+
+def _load_checkpoint(cfg: TrainConfig, recipe: Recipe, ckpt_path: str, dataset: str) -> dict | None:
+    if not os.path.exists(ckpt_path):
+        if cfg.resume:
+            print(f"train: --resume: no {ckpt_path} yet, so this is a new run", file=sys.stderr, flush=True)
+        return None
+    if not cfg.resume:
+        raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved_recipe, saved_name = checkpoint["recipe"], checkpoint["recipe_name"]
+    except Exception as e:  # noqa: BLE001 - an unreadable or foreign file gets the same one-line answer
+        raise UsageError(f"{ckpt_path}: not a checkpoint of this trainer ({type(e).__name__}: {e})") from None
+    differ = sorted(k for k, v in asdict(recipe).items()
+                    if k not in RESUME_MAY_CHANGE_RECIPE and saved_recipe.get(k) != v)
+    differ += ["recipe"] * (saved_name != cfg.recipe) + ["seed"] * (checkpoint["config"]["seed"] != cfg.seed)
+    if differ:
+        raise UsageError(f"{ckpt_path}: was made with other settings ({', '.join(differ)}); resume with the same ones")
+    if checkpoint["dataset"] != dataset:
+        raise UsageError(f"{ckpt_path}: was trained on another shard set (its dataset.json differs from "
+                         f"{os.path.join(cfg.shards, MANIFEST)})")
+    return checkpoint
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the options, build loaders, model and optimizer, and load the checkpoint when resuming.
+    Writes nothing until every check has passed."""
+    recipe = resolve_recipe(cfg)
     rank, world, local_rank = distributed()
     devices = parse_devices(cfg.devices)
     if world > 1:
@@ -264,11 +437,10 @@ def train(cfg: TrainConfig) -> dict:
             raise UsageError("--devices with two halves runs in one process; use torchrun with one device per rank")
         if devices[0].startswith("cuda"):
             devices = [f"cuda:{local_rank}"]
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible across {world} ranks")
-    for field, allowed in (("schedule", ("plateau", "step")), ("input_norm", ("std", "mean"))):
-        if getattr(cfg, field) not in allowed:
-            raise UsageError(f"--{field} must be one of {allowed}")
+    if recipe.batch_size % world:
+        raise UsageError(f"--batch-size {recipe.batch_size} is not divisible across {world} ranks")
+    if cfg.log_every < 1:
+        raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
     if cfg.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -276,182 +448,287 @@ def train(cfg: TrainConfig) -> dict:
             raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     device = torch.device(devices[0])
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)  # collectives and current_device() must be this rank's GPU, not cuda:0
     bf16, channels_last = cfg.bf16 and on_gpu, cfg.channels_last and on_gpu and len(devices) == 1
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-
-    checkpoint = None
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = checkpoint["config"]
-        differ = sorted(k for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
-        if differ:
-            raise UsageError(f"{ckpt_path}: was made with other options ({', '.join(differ)}); "
-                             "resume with the same options")
+    try:
+        dataset = dataset_id(cfg.shards)
+    except OSError:
+        raise UsageError(f"{cfg.shards}: no such shard directory (no {MANIFEST})") from None
+    checkpoint = _load_checkpoint(cfg, recipe, ckpt_path, dataset)
 
     try:
+        if checkpoint is not None:  # the numbers the run was trained with, whatever pca.json says now
+            norm = Normalization.from_dict(checkpoint["normalization"])
+        else:
+            norm = Normalization.from_shards(cfg.shards, recipe.input_norm, recipe.train_scale)
         loader_args = dict(device=str(device), rank=rank, world_size=world, seed=cfg.seed, backend=cfg.backend,
-                           num_threads=cfg.loader_threads, normalize=True if cfg.input_norm == "std" else "mean")
-        train_loader = make_loader(cfg.shards, "train", batch_size=cfg.batch_size // world,
-                                   channels_last=channels_last, **loader_args)
-        val_loader = make_loader(cfg.shards, "val", batch_size=max(1, cfg.batch_size // world),
+                           num_threads=cfg.loader_threads, normalization=norm)
+        train_loader = make_loader(cfg.shards, "train", batch_size=recipe.batch_size // world,
+                                   channels_last=channels_last, lighting=recipe.lighting, **loader_args)
+        val_loader = make_loader(cfg.shards, "val", batch_size=max(1, recipe.batch_size // world),
                                  crop="ten" if cfg.ten_crop else "center", **loader_args)
-    except ShardError as e:
+    except (ShardError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-    manifest = train_loader.manifest
-    num_classes = len(manifest["classes"])
-    if checkpoint is not None and checkpoint["num_classes"] != num_classes:
-        raise UsageError(f"{ckpt_path}: has {checkpoint['num_classes']} classes, {cfg.shards} has {num_classes}")
+    num_classes = len(train_loader.manifest["classes"])
 
     if world > 1:
-        torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model_cfg = AlexNetConfig(num_classes=num_classes, lrn_layers=cfg.lrn_layers,
-                              lrn_convention=cfg.lrn_convention, dropout=cfg.dropout, init=cfg.init)
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in either layout
+    model_cfg = AlexNetConfig(num_classes=num_classes, lrn_layers=recipe.lrn_layers, lrn_k=recipe.lrn_k,
+                              lrn_convention=recipe.lrn_convention, dropout=recipe.dropout, init=recipe.init)
     model = build(model_cfg, devices)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    val_errors: list[float] = []
-    start_epoch, step = 0, 0
+    optimizer = make_optimizer(model, recipe)
+    run = Run(cfg=cfg, recipe=recipe, rank=rank, world=world, devices=devices, device=device, bf16=bf16,
+              channels_last=channels_last, model_cfg=model_cfg, model=model, net=model, optimizer=optimizer,
+              norm=norm, train_loader=train_loader, val_loader=val_loader, ckpt_path=ckpt_path, dataset=dataset,
+              val_errors=[], start_epoch=0, step=0)
     if checkpoint is not None:
         load_canonical(model, checkpoint["model"])
         load_optimizer_state(optimizer, model, checkpoint["optimizer"])
-        val_errors = list(checkpoint["scheduler"]["val_errors"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        run.val_errors = list(checkpoint["scheduler"]["val_errors"])
+        run.start_epoch, run.step = checkpoint["epoch"], checkpoint["step"]
+        run.saved_step = run.step
         train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
+        rngs = checkpoint["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        run.stall_checked = checkpoint.get("stall_checked", False)
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout masks differ across ranks
-    net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
+        run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
     if cfg.compile:
-        net = torch.compile(net)
+        run.net = torch.compile(run.net)
 
-    main = rank == 0
-    if main:
-        os.makedirs(cfg.out, exist_ok=True)
-        run_info = {"config": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "devices": devices,
-                    "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
-                    "loader": type(train_loader).__name__, "bf16": bf16, "channels_last": channels_last}
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(run_info, f, indent=1)
-        metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), (start_epoch, step) if checkpoint is not None else None)
-        if checkpoint is None and os.path.exists(metrics.path):
-            os.remove(metrics.path)
-        tb = None
+    if run.main:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            _write_config(run)
+        except OSError as e:
+            raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
+        run.metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"),
+                              (run.start_epoch, run.step) if checkpoint is not None else None)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
-        print(f"AlexNet ({model_cfg.init} init, LRN {model_cfg.lrn_layers}/{model_cfg.lrn_convention}, "
-              f"input {cfg.input_norm}-normalized) on "
+            run.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+        if checkpoint is not None and norm != Normalization.from_shards(cfg.shards, norm.mode, norm.train_scale):
+            print(f"train: {cfg.shards}/pca.json differs from the one this run started with; "
+                  "the run keeps its own (stored in the checkpoint)", file=sys.stderr, flush=True)
+        print(f"AlexNet, recipe {cfg.recipe} ({recipe.init} init, input {recipe.input_norm}, "
+              f"bias lr x{recipe.bias_lr_mult:g}, lighting {'on' if recipe.lighting else 'off'}) on "
               f"{'+'.join(devices)} x {world} rank(s), {num_classes} classes, {train_loader.num_samples * world} "
-              f"train images/epoch, batch {cfg.batch_size}, lr {cfg.lr} ({cfg.schedule}), "
+              f"train images/epoch, batch {recipe.batch_size}, lr {recipe.lr} ({recipe.schedule}), "
               f"loader {type(train_loader).__name__} -> {cfg.out}", flush=True)
+    return run
 
-    def save_checkpoint(epoch: int) -> None:
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, rng_state())
-        if main:
-            save_atomic({"model": canonical_state(model), "optimizer": optimizer_state(optimizer, model),
-                         "scheduler": {"val_errors": val_errors}, "epoch": epoch, "step": step,
-                         "loader": train_loader.state_dict(), "rng": rngs, "config": asdict(cfg),
-                         "model_config": asdict(model_cfg), "num_classes": num_classes,
-                         "classes": [c["name"] for c in manifest["classes"]],
-                         "wnids": [c["wnid"] for c in manifest["classes"]],
-                         "normalize": {"mean": train_loader.pca["mean"], "std": train_loader.pca["std"],
-                                       "mode": cfg.input_norm},
-                         "shards": os.path.abspath(cfg.shards)}, ckpt_path)
 
-    steps_per_epoch = len(train_loader)
+def _write_config(run: Run) -> None:
+    cfg = run.cfg
+    info = {"recipe": {"name": cfg.recipe, **asdict(run.recipe)},
+            "config": {k: v for k, v in asdict(cfg).items() if k != "overrides"},
+            "overridden": sorted(k for k, v in cfg.overrides.items() if v is not None),
+            "model": asdict(run.model_cfg), "normalization": run.norm.as_dict(), "world_size": run.world,
+            "devices": run.devices, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
+            "dataset": run.dataset, "loader": type(run.train_loader).__name__, "bf16": run.bf16,
+            "channels_last": run.channels_last}
+    tmp = os.path.join(cfg.out, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.out, "config.json"))
+
+
+def save_checkpoint(run: Run, epoch: int) -> None:
+    """Every rank calls this at the same step (collectives inside). Never writes non-finite weights."""
+    rngs = [rng_state()]
+    if run.world > 1:
+        rngs = [None] * run.world
+        torch.distributed.all_gather_object(rngs, rng_state())
+    if not run.main:
+        return
+    state = canonical_state(run.model)
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise Diverged(f"the weights are not finite at step {run.step}")
+    manifest = run.train_loader.manifest
+    save_atomic({"model": state, "optimizer": optimizer_state(run.optimizer, run.model),
+                 "scheduler": {"val_errors": run.val_errors}, "epoch": epoch, "step": run.step,
+                 "loader": run.train_loader.state_dict(), "rng": rngs, "config": asdict(run.cfg),
+                 "recipe_name": run.cfg.recipe, "recipe": asdict(run.recipe),
+                 "model_config": asdict(run.model_cfg), "num_classes": run.num_classes,
+                 "classes": [c["name"] for c in manifest["classes"]],
+                 "wnids": [c["wnid"] for c in manifest["classes"]],
+                 "normalization": run.norm.as_dict(), "dataset": run.dataset, "stall_checked": run.stall_checked,
+                 "shards": os.path.abspath(run.cfg.shards)}, run.ckpt_path)
+    run.saved_step = run.step
+
+
+def _checkpoint_due(run: Run, last_ckpt: float) -> bool:
+    """The same answer on every rank: by step count, or by rank 0's clock at a log step, broadcast."""
+    cfg = run.cfg
+    if cfg.checkpoint_minutes == 0:
+        return True
+    if run.step % cfg.log_every:
+        return False
+    due = torch.tensor(time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes, device=run.device)
+    if run.world > 1:
+        torch.distributed.broadcast(due, 0)
+    return bool(due.item())  # a sync, but only at log steps, which sync anyway
+
+
+def _log_window(run: Run, epoch: int, lr: float, avg: float, rate: float, bar) -> None:
+    if not run.main:
+        return
+    bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
+    run.metrics.log({"kind": "step", "epoch": epoch, "step": run.step, "lr": lr, "train_loss": avg,
+                     "images_per_s": rate})
+    if run.tb:
+        run.tb.add_scalar("train/loss", avg, run.step)
+        run.tb.add_scalar("train/lr", lr, run.step)
+
+
+def _check_stall(run: Run, epoch: int, avg: float) -> None:
+    """Once, at the first log step at or past --stall-steps (every rank decides alike)."""
+    if run.stall_checked or not run.cfg.stall_steps or run.step < run.cfg.stall_steps:
+        return
+    run.stall_checked = True
+    warning = stall_warning(avg, run.num_classes, run.step, run.cfg.recipe)
+    if warning and run.main:
+        print(f"\ntrain: warning: {warning}", file=sys.stderr, flush=True)
+        run.metrics.log({"kind": "warning", "epoch": epoch, "step": run.step, "warning": "stall",
+                         "train_loss": avg, "message": warning})
+
+
+def train_epoch(run: Run, epoch: int) -> dict:
+    """One pass over this rank's part of the training split, from the loader's position."""
+    cfg, loader = run.cfg, run.train_loader
+    assert loader.epoch == epoch, (loader.epoch, epoch)  # the checkpoint keeps them together
+    steps_per_epoch = len(loader)
+    guard = LossGuard(run.device, run.world)
+    epoch_loss = torch.zeros((), device=run.device)
+    window_loss, window_n, window_images, epoch_images = torch.zeros((), device=run.device), 0, 0, 0
+    t_epoch = t_window = time.perf_counter()
     last_ckpt = time.monotonic()
-    result = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        assert train_loader.epoch == epoch, (train_loader.epoch, epoch)  # the checkpoint keeps them together
-        epoch_loss = torch.zeros((), device=device)
-        window_loss, window_n, epoch_n = torch.zeros((), device=device), 0, 0
-        t_epoch = t_window = time.perf_counter()
-        done_before = train_loader.batch
-        bar = tqdm(total=steps_per_epoch, initial=done_before, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not main, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        for images, labels in train_loader:
-            lr = learning_rate(cfg, epoch + train_loader.batch / steps_per_epoch, val_errors)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(net(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            epoch_loss += loss.detach()
-            window_loss += loss.detach()
+    done_before = loader.batch
+    with tqdm(total=steps_per_epoch, initial=done_before, desc=f"epoch {epoch + 1}/{run.recipe.epochs}",
+              disable=not run.main, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr) as bar:
+        for images, labels in loader:
+            lr = learning_rate(run.recipe, epoch + loader.batch / steps_per_epoch, run.val_errors)
+            labels = labels.to(run.device, non_blocking=True)
+            loss = train_step(run.net, run.optimizer, images, labels, lr, run.bf16)
+            run.step += 1
+            guard.record(loss, run.step, lr)
+            epoch_loss += loss
+            window_loss += loss
             window_n += 1
-            epoch_n += len(labels)
+            window_images += len(labels)  # a partial last batch counts what it holds
+            epoch_images += len(labels)
             bar.update(1)
-            if step % cfg.log_every == 0:
+            if run.step % cfg.log_every == 0:
+                guard.check()
                 avg = (window_loss / window_n).item()  # the only GPU sync, once per log_every steps
-                rate = window_n * cfg.batch_size / (time.perf_counter() - t_window)
-                if main:
-                    bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
-                    metrics.log({"kind": "step", "epoch": epoch, "step": step, "lr": lr, "train_loss": avg,
-                                 "images_per_s": rate})
-                    if tb:
-                        tb.add_scalar("train/loss", avg, step)
-                        tb.add_scalar("train/lr", lr, step)
-                window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
-            if cfg.checkpoint_minutes == 0 or time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes:
-                save_checkpoint(epoch)
+                rate = window_images * run.world / (time.perf_counter() - t_window)
+                _log_window(run, epoch, lr, avg, rate, bar)
+                _check_stall(run, epoch, avg)
+                window_loss, window_n, window_images, t_window = torch.zeros((), device=run.device), 0, 0, time.perf_counter()
+            if _checkpoint_due(run, last_ckpt):
+                guard.check()
+                save_checkpoint(run, epoch)
                 last_ckpt = time.monotonic()
-        bar.close()
-        train_time = time.perf_counter() - t_epoch
-        steps_done = steps_per_epoch - done_before
-        sums = evaluate(model, val_loader, device, bf16)
-        samples = torch.tensor(float(epoch_n), device=device)
-        if world > 1:
-            for t in (sums, epoch_loss, samples):
-                torch.distributed.all_reduce(t)
-        ev = summarize(sums)
-        val_errors.append(ev["val_top1_error"])
-        result = {"kind": "epoch", "epoch": epoch, "step": step,
-                  "lr": learning_rate(cfg, epoch, val_errors[:-1]),  # the lr of this epoch (after warm-up)
-                  "train_loss": epoch_loss.item() / max(1, steps_done) / world,
-                  **ev, "images_per_s": samples.item() / max(train_time, 1e-9),
-                  "train_samples": int(samples.item()),  # over all ranks, this run of the epoch
-                  "steps": steps_done, "epoch_seconds": time.perf_counter() - t_epoch}
-        if main:  # logged before the checkpoint: a resume drops it again if the checkpoint never came
-            metrics.log(result)
-        save_checkpoint(epoch + 1)
-        last_ckpt = time.monotonic()
-        if main:
-            draw_plot(os.path.join(cfg.out, "plot.png"), metrics.epochs)
-            if tb:
-                for k in ("val_loss", "val_top1_error", "val_top5_error", "train_loss"):
-                    tb.add_scalar(f"epoch/{k}", result[k], epoch + 1)
-            print(f"epoch {epoch + 1}: train loss {result['train_loss']:.3f}, val loss {ev['val_loss']:.3f}, "
-                  f"top-1 error {100 * ev['val_top1_error']:.1f}%, top-5 error {100 * ev['val_top5_error']:.1f}% "
-                  f"({ev['val_samples']} images), {result['images_per_s']:.0f} img/s", flush=True)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    guard.check()
+    steps_done = steps_per_epoch - done_before
+    train_time = time.perf_counter() - t_epoch
+    samples = torch.tensor(float(epoch_images), device=run.device)
+    if run.world > 1:
+        for t in (epoch_loss, samples):
+            torch.distributed.all_reduce(t)
+    return {"train_loss": epoch_loss.item() / max(1, steps_done) / run.world,
+            "images_per_s": samples.item() / max(train_time, 1e-9),
+            "train_samples": int(samples.item()),  # over all ranks, this run of the epoch
+            "steps": steps_done, "t_start": t_epoch}
+
+
+def end_epoch(run: Run, epoch: int, stats: dict) -> dict:
+    """Evaluate, log, checkpoint and plot after an epoch; returns the epoch's metrics record."""
+    sums = evaluate(run.model, run.val_loader, run.device, run.bf16)
+    if run.world > 1:
+        torch.distributed.all_reduce(sums)
+    ev = summarize(sums)
+    run.val_errors.append(ev["val_top1_error"])
+    t_start = stats.pop("t_start")
+    result = {"kind": "epoch", "epoch": epoch, "step": run.step,
+              "lr": learning_rate(run.recipe, epoch, run.val_errors[:-1]),  # this epoch's lr (after warm-up)
+              **stats, **ev, "epoch_seconds": time.perf_counter() - t_start}
+    if run.main:  # logged before the checkpoint: a resume drops it again if the checkpoint never came
+        run.metrics.log(result)
+    save_checkpoint(run, epoch + 1)
+    if run.main:
+        draw_plot(os.path.join(run.cfg.out, "plot.png"), run.metrics.epochs)
+        if run.tb:
+            for k in ("val_loss", "val_top1_error", "val_top5_error", "train_loss"):
+                run.tb.add_scalar(f"epoch/{k}", result[k], epoch + 1)
+        print(f"epoch {epoch + 1}: train loss {result['train_loss']:.3f}, val loss {ev['val_loss']:.3f}, "
+              f"top-1 error {100 * ev['val_top1_error']:.1f}%, top-5 error {100 * ev['val_top5_error']:.1f}% "
+              f"({ev['val_samples']} images), {result['images_per_s']:.0f} img/s", flush=True)
     return result
 
 
-def config_from_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def train(cfg: TrainConfig) -> dict:
+    """The whole run; returns the last epoch's metrics record."""
+    run = setup(cfg)
+    result = {}
+    try:
+        for epoch in range(run.start_epoch, run.recipe.epochs):
+            result = end_epoch(run, epoch, train_epoch(run, epoch))
+    except Diverged as e:
+        kept = (f"{run.ckpt_path} keeps the last good state (step {run.saved_step})" if run.saved_step is not None
+                else "no checkpoint was written")
+        raise Diverged(f"{e}: stopped; {kept}. Try a lower --lr or another --recipe") from None
+    finally:
+        if run.world > 1:
+            torch.distributed.destroy_process_group()
+    return result
+
+
+# ---------------------------------------------------------------- command line
+
+def _arg_type(typ):
+    name = typ if isinstance(typ, str) else typ.__name__
+    return {"int": int, "float": float, "str": str}[name]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Recipe values: "
+                                + "; ".join(f"{n}: {', '.join(f'{k}={v}' for k, v in asdict(r).items())}"
+                                            for n, r in RECIPES.items()))
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name == "overrides":
+            continue
+        dest = "--" + flag(f.name)
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(dest, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"{f.metadata['help']} (default: {f.default})")
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default, required=f.name == "shards")
-    return TrainConfig(**vars(p.parse_args(argv)))
+            p.add_argument(dest, type=_arg_type(f.type), default=f.default, required=f.name == "shards",
+                           help=f.metadata["help"] + ("" if f.name == "shards" else f" (default: {f.default})"))
+    g = p.add_argument_group("recipe values (default: the recipe's; see model/recipes.py)")
+    for f in dataclasses.fields(Recipe):
+        dest = "--" + flag(f.name)
+        paper, caffe = getattr(RECIPES["paper"], f.name), getattr(RECIPES["caffe"], f.name)
+        shown = f"paper {paper:.4g}, caffe {caffe:.4g}" if isinstance(paper, float) else f"paper {paper}, caffe {caffe}"
+        if f.type in ("bool", bool):
+            g.add_argument(dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{f.metadata['help']} ({shown})")
+        else:
+            g.add_argument(dest, type=_arg_type(f.type), default=None, help=f"{f.metadata['help']} ({shown})")
+    return p
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    args = vars(parser().parse_args(argv))
+    overrides = {k: args.pop(k) for k in RECIPE_FIELDS}
+    return TrainConfig(**args, overrides=overrides)
 
 
 def main(argv=None) -> int:
@@ -461,6 +738,12 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ntrain: interrupted; --resume continues from the last checkpoint in {cfg.out}", file=sys.stderr)
+        return 130
     return 0
 
 

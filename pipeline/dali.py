@@ -11,8 +11,8 @@ written per epoch (plan.py's order for this rank: the reader reads the samples o
 a shard in exactly the order of its index file). The `.cls` ASCII labels are
 parsed inside the graph. The random crop, flip, lighting and normalisation are one
 fused crop_mirror_normalize: lighting adds the same RGB offset to every pixel of an
-image, so it folds into that image's mean: (x + 255*delta - 255*mu) / (255*sigma)
-= (x - 255*(mu - delta)) / (255*sigma).
+image, so it folds into that image's mean: (x + light - shift) / divisor
+= (x - (shift - light)) / divisor (pipeline/normalization.py).
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ def parse_ascii_int(cls):
 
 
 @pipeline_def
-def shard_pipeline(paths, index_paths, params_source, gpu: bool, crop: str, mean255, std255, layout: str):
+def shard_pipeline(paths, index_paths, params_source, gpu: bool, crop: str, shift, divisor, layout: str):
     """paths/index_paths: one (tar, index file) per run. params_source(batch_info) -> per-sample
-    (crop_x, crop_y, mirror, mean) for crop="random"."""
+    (crop_x, crop_y, mirror, mean) for crop="random". shift, divisor: [3] in 0-255 units."""
     jpg, cls = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=False, pad_last_batch=True, name="reader")
@@ -69,12 +69,12 @@ def shard_pipeline(paths, index_paths, params_source, gpu: bool, crop: str, mean
         crop_x, crop_y, mirror, mean = fn.external_source(source=params_source, num_outputs=4, batch=True,
                                                           batch_info=True)
         out = fn.crop_mirror_normalize(images, crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
-                                       mean=mean, std=std255, **cmn)
+                                       mean=mean, std=divisor, **cmn)
     elif crop == "center":
-        out = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, mean=mean255, std=std255, **cmn)
+        out = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, mean=shift, std=divisor, **cmn)
     else:  # the paper's ten crops: corners and centre, then mirrored
         out = fn.stack(*[fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m,
-                                                  mean=mean255, std=std255, **cmn)
+                                                  mean=shift, std=divisor, **cmn)
                          for m in (0, 1) for x, y in plan.TEN_CROP_POSITIONS])
     if gpu:
         labels = labels.gpu()
@@ -90,9 +90,8 @@ class DaliLoader(ShardLoader):
         self.device_id = (self.device.index or 0) if self.gpu else None
         self.threads = cfg.num_threads or min(os.cpu_count() or 1, 8 if self.gpu else 64)
         self._tmp = tempfile.mkdtemp(prefix="dali-idx-")
-        mean, std = self.norm_params()
-        self.mean255 = (255 * mean).tolist() if mean is not None else [0.0, 0.0, 0.0]
-        self.std255 = (255 * std).tolist() if std is not None else [1.0, 1.0, 1.0]
+        # Batches with lighting also take the recipe's training scale (normalization.py).
+        self.shift, self.divisor = self.norm.shift_divisor(lit=cfg.lighting)
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
@@ -112,11 +111,9 @@ class DaliLoader(ShardLoader):
         return paths, index_paths
 
     def _params_source(self, epoch: int, start: int):
-        base = np.array(self.mean255, np.float64)  # 255*mu, or 0 for 0-255 output
-
         def source(info):
             p = self.params(epoch, start + info.iteration)
-            means = (base - 255.0 * self.lighting_offsets(p)).astype(np.float32)  # lighting folded in
+            means = (self.shift - self.lighting_offsets(p)).astype(np.float32)  # lighting folded in
             flips = p.flip if self.cfg.flip else np.zeros_like(p.flip)
             return list(p.crop_x), list(p.crop_y), list(flips), list(means)
         return source
@@ -128,7 +125,7 @@ class DaliLoader(ShardLoader):
         paths, index_paths = self._write_indices(epoch, order)
         layout = "HWC" if (c.channels_last and c.crop != "ten") else "CHW"
         pipe = shard_pipeline(paths, index_paths, self._params_source(epoch, start), self.gpu, c.crop,
-                              self.mean255, self.std255, layout, batch_size=c.batch_size,
+                              self.shift.tolist(), self.divisor.tolist(), layout, batch_size=c.batch_size,
                               num_threads=self.threads, device_id=self.device_id,
                               seed=c.seed, prefetch_queue_depth=2)
         try:

@@ -1,7 +1,6 @@
 """What both loaders share: reading the shard directory, the epoch position, the state for resume."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -9,7 +8,8 @@ import numpy as np
 import torch
 
 from pipeline import plan
-from pipeline.shards import PCA_FILE, ShardError, load_manifest, read_index, split_shards
+from pipeline.normalization import Normalization
+from pipeline.shards import ShardError, load_manifest, read_index, split_shards
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,10 @@ class LoaderConfig:
     world_size: int = 1
     seed: int = 0
     crop: str = "random"            # "random" (train), "center" or "ten" (eval)
-    normalize: bool | str = True    # True/"std": (x - mean) / std, pca.json's values (DESIGN.md);
-                                    # "mean": x - mean in 0-255 units (the paper, section 2); False: 0-255 units
+    normalize: bool | str = "mean"  # "mean": x - 255 mean, 0-255 units (the paper and its code, the default);
+                                    # "std" (or True): (x/255 - mean) / std; False: raw 0-255 (pca.json's values)
+    normalization: Normalization | None = None  # all of the above, given whole (the trainer's, a checkpoint's):
+                                    # then `normalize` and pca.json are not used
     lighting: bool = True           # PCA lighting (paper, section 4.1); only with crop="random"
     flip: bool = True               # p = 0.5 horizontal flips; only with crop="random"
     shuffle: bool = True            # reshuffle every epoch (train); False: source order (eval)
@@ -40,8 +42,8 @@ class ShardLoader:
         if cfg.batch_size < 1 or not 0 <= cfg.rank < cfg.world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {cfg.batch_size}, "
                              f"{cfg.rank}, {cfg.world_size})")
-        if cfg.normalize not in (True, False, "std", "mean"):
-            raise ValueError(f"normalize must be True, False, 'std' or 'mean', not {cfg.normalize!r}")
+        if cfg.normalization is None and cfg.normalize not in (True, False, "std", "mean"):
+            raise ValueError(f"normalize must be 'mean', 'std', True or False, not {cfg.normalize!r}")
         if cfg.crop != "random" and (cfg.lighting or cfg.flip):
             raise ValueError("lighting and flips are training augmentations: pass lighting=False, flip=False "
                              f"with crop={cfg.crop!r}")
@@ -60,13 +62,13 @@ class ShardLoader:
                                  f"({len(entries)} indexed, manifest says {s['samples']})")
         self.counts = [len(e) for e in self.entries]
         self.size = self.manifest["preprocessing"]["size"]
-        pca_path = os.path.join(cfg.shards_dir, PCA_FILE)
-        if not os.path.exists(pca_path):
-            raise ShardError(f"{pca_path}: missing: run tools/compute_pca.py {cfg.shards_dir}")
-        with open(pca_path) as f:
-            self.pca = json.load(f)
-        self.mean = np.array(self.pca["mean"], np.float64)
-        self.std = np.array(self.pca["std"], np.float64)
+        self.norm = cfg.normalization
+        if self.norm is None:
+            mode = {True: "std", False: "none"}.get(cfg.normalize, cfg.normalize)
+            try:
+                self.norm = Normalization.from_shards(cfg.shards_dir, mode)
+            except FileNotFoundError as e:
+                raise ShardError(str(e)) from None
         self.epoch, self.batch = 0, 0  # the next batch to yield
         self.device = torch.device(cfg.device)
         self.classes = [c["name"] for c in self.manifest["classes"]]
@@ -116,25 +118,16 @@ class ShardLoader:
     def _epoch_batches(self, epoch: int, start: int, order: np.ndarray):
         raise NotImplementedError
 
-    def norm_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(mean, std) in [0, 1] units for plan.reference_augment; (None, None) for 0-255 output.
-        "mean" divides by 255 * (1/255) = 1: mean subtraction alone, in 0-255 units."""
-        if self.cfg.normalize in (True, "std"):
-            return self.mean, self.std
-        if self.cfg.normalize == "mean":
-            return self.mean, np.full(3, 1 / 255)
-        return None, None
-
     # -- shared augmentation inputs -----------------------------------------
     def params(self, epoch: int, batch: int) -> plan.BatchParams:
         return plan.batch_params(self.cfg.seed, epoch, self.cfg.rank, batch, self.cfg.batch_size,
                                  free=self.size - plan.CROP)
 
     def lighting_offsets(self, p: plan.BatchParams) -> np.ndarray:
-        """[B, 3] RGB offsets in [0, 1] units (zeros without lighting)."""
+        """[B, 3] RGB offsets in 0-255 units (zeros without lighting)."""
         if not self.cfg.lighting:
             return np.zeros((len(p.alpha), 3))
-        return plan.lighting_offset(p.alpha, self.pca["eigenvalues"], self.pca["eigenvectors"])
+        return self.norm.lighting(p.alpha)
 
     def channels(self, images: torch.Tensor) -> torch.Tensor:
         """NHWC-stored output -> NCHW shape; kept channels-last in memory when asked."""

@@ -1,8 +1,9 @@
 """What each rank reads, in which order, with which augmentation: plain functions of the seed.
 
-Both loaders (DALI and webdataset) take their sample order and their random
-augmentation parameters from here, and the numpy reference of the augmentation
-math lives here too, so the tests can hold either loader to it.
+Both loaders (DALI and webdataset) take their sample order, their random
+augmentation parameters and the crop geometry from here; what happens to pixel
+values is pipeline/normalization.py's. The tests hold both loaders to a float64
+reference of their own (tests/reference.py).
 
 Order. Train: every epoch, a seeded permutation of the shard order and of the
 samples inside each shard (shards are already a global shuffle of the split,
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CROP = 224          # px, the paper's crop of the 256 px images (section 2)
-LIGHTING_STD = 0.1  # std of the lighting alphas (paper, section 4.1)
+LIGHTING_STD = 0.1  # std of the lighting alphas (paper, section 4.1; cuda-convnet2 color_noise=0.1)
 TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # corners, centre: (x, y) in [0, 1]
 
 
@@ -88,36 +89,14 @@ def batch_params(seed: int, epoch: int, rank: int, batch: int, batch_size: int, 
     )
 
 
-def lighting_offset(alpha: np.ndarray, eigenvalues, eigenvectors) -> np.ndarray:
-    """Per-image RGB offset in [0, 1] units: sum_i alpha_i * lambda_i * p_i (paper, section 4.1)."""
-    return (np.asarray(alpha, np.float64) * np.asarray(eigenvalues)) @ np.asarray(eigenvectors)
-
-
 def crop_offset(position: float, size: int, crop: int = CROP) -> int:
     """Pixel offset of a crop at fractional `position` of the free range (as DALI's crop_pos)."""
     return int(np.floor(position * (size - crop) + 0.5))
 
 
-def reference_augment(img: np.ndarray, crop_x: float, crop_y: float, flip: bool, offset_rgb: np.ndarray,
-                      mean: np.ndarray | None, std: np.ndarray | None, dtype=np.float64) -> np.ndarray:
-    """The augmentation math in numpy, float64: uint8 HWC image -> CHW crop.
-
-    Crop at the fractional position, mirror, add the lighting offset (255 * [0, 1]
-    units), then normalise with mean/std ([0, 1] units) unless they are None (0-255 output).
-    """
+def crop(img: np.ndarray, x: float, y: float, flip: bool) -> np.ndarray:
+    """The 224 crop at fractional position (x, y) of an HWC image, mirrored if `flip` (a view)."""
     h, w, _ = img.shape
-    x0, y0 = crop_offset(crop_x, w), crop_offset(crop_y, h)
-    out = img[y0:y0 + CROP, x0:x0 + CROP].astype(dtype)
-    if flip:
-        out = out[:, ::-1]
-    out = out + (255.0 * np.asarray(offset_rgb, np.float64)).astype(dtype)
-    if mean is not None:
-        out = (out - (255.0 * np.asarray(mean)).astype(dtype)) / (255.0 * np.asarray(std)).astype(dtype)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
-
-
-def reference_ten_crop(img: np.ndarray, mean, std, dtype=np.float64) -> np.ndarray:
-    """[10, 3, 224, 224]: the 4 corners and the centre, then the same 5 mirrored (paper, section 4.1)."""
-    crops = [reference_augment(img, x, y, flip, np.zeros(3), mean, std, dtype)
-             for flip in (False, True) for x, y in TEN_CROP_POSITIONS]
-    return np.stack(crops)
+    x0, y0 = crop_offset(x, w), crop_offset(y, h)
+    out = img[y0:y0 + CROP, x0:x0 + CROP]
+    return out[:, ::-1] if flip else out

@@ -1,4 +1,4 @@
-"""The shard format (version 1, ../shared/DESIGN.md): writing and reading.
+"""The shard format (version 1, docs/DESIGN.md): writing and reading.
 
 A shard is a plain POSIX (ustar) tar; the members of one sample are
 `<key>.jpg`, `<key>.cls`, `<key>.json`, adjacent. Beside each tar is the DALI

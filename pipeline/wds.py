@@ -1,9 +1,9 @@
 """The portable loader: webdataset + pillow-simd + torch DataLoader, with DALI's semantics.
 
 For machines where DALI does not install (macOS, aarch64) and as the benchmark's
-baseline. Order and augmentation parameters come from plan.py, and the pixels
-from plan.reference_augment (in float32), so it yields the same batches as the
-DALI loader up to JPEG decoder rounding.
+baseline. Order, augmentation parameters and crop geometry come from plan.py and
+pixel values from normalization.py, as in the DALI loader, so both yield the same
+batches up to JPEG decoder rounding (the tests hold both to tests/reference.py).
 
 DataLoader workers each build whole batches (worker k takes batches k, k+W, ...)
 and the DataLoader hands them out round-robin, so the order is deterministic.
@@ -57,8 +57,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
         images, labels = [], []
         if cfg.crop == "random":
             p = ld.params(self.epoch, self.start + b)
-            offsets = ld.lighting_offsets(p)
-        mean, std = ld.norm_params()
+            lights = ld.lighting_offsets(p) if cfg.lighting else [None] * len(pairs)
         for j, (shard, i) in enumerate(pairs):
             key = ld.entries[shard][i].key
             sample = self._shard(shard).get(key)
@@ -72,12 +71,12 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                 raise ShardError(f"{path}: sample {key} is corrupt ({e})") from None
             if cfg.crop == "random":
                 flip = bool(p.flip[j]) and cfg.flip
-                images.append(plan.reference_augment(img, p.crop_x[j], p.crop_y[j], flip, offsets[j], mean, std,
-                                                     dtype=np.float32))
+                images.append(ld.norm.apply(plan.crop(img, p.crop_x[j], p.crop_y[j], flip), lights[j]))
             elif cfg.crop == "center":
-                images.append(plan.reference_augment(img, 0.5, 0.5, False, np.zeros(3), mean, std, dtype=np.float32))
-            else:
-                images.append(plan.reference_ten_crop(img, mean, std, dtype=np.float32))
+                images.append(ld.norm.apply(plan.crop(img, 0.5, 0.5, False)))
+            else:  # the paper's ten crops: corners and centre, then the same mirrored
+                images.append(np.stack([ld.norm.apply(plan.crop(img, x, y, flip)) for flip in (False, True)
+                                        for x, y in plan.TEN_CROP_POSITIONS]))
         x = torch.from_numpy(np.stack(images))
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model.alexnet import (AlexNet, AlexNetConfig, TwoDeviceAlexNet, canonical_state, load_canonical, make_lrn)
-from model.train import TrainConfig, learning_rate, load_optimizer_state, optimizer_state, plateau_divisions
+from model.recipes import RECIPES, Recipe
+from model.train import (learning_rate, load_optimizer_state, make_optimizer, optimizer_state, plateau_divisions,
+                         train_step)
 
 
 def test_parameter_count_and_shapes():
@@ -19,7 +21,7 @@ def test_parameter_count_and_shapes():
     assert model.conv1.kernel_size == (11, 11) and model.conv1.stride == (4, 4) and model.conv1.padding == (2, 2)
     x = torch.randn(2, 3, 224, 224)
     assert model.features(x).shape == (2, 256, 6, 6)
-    assert AlexNet(AlexNetConfig(num_classes=10))(x).shape == (2, 10)
+    assert AlexNet(cfg=AlexNetConfig(num_classes=10))(x).shape == (2, 10)
 
 
 def test_paper_init():
@@ -31,7 +33,7 @@ def test_paper_init():
         assert abs(mod.weight.std().item() - 0.01) < 0.0005 and abs(mod.weight.mean().item()) < 0.001, name
         expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
         assert torch.all(mod.bias == expected_bias), name
-    kaiming = AlexNet(AlexNetConfig(init="kaiming"))
+    kaiming = AlexNet(cfg=AlexNetConfig(init="kaiming"))
     assert kaiming.conv1.weight.std().item() == pytest.approx((2 / (3 * 121)) ** 0.5, rel=0.05)
     assert torch.all(kaiming.conv2.bias == 0)
 
@@ -41,15 +43,17 @@ def test_lrn_follows_the_papers_formula():
     k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
     sq = torch.stack([(a[:, max(0, i - n // 2): min(12, i + n // 2 + 1)] ** 2).sum(1) for i in range(12)], 1)
     expected = a / (k + alpha * sq) ** beta  # paper, section 3.3: no division by n
-    torch.testing.assert_close(make_lrn(AlexNetConfig())(a), expected, rtol=1e-5, atol=1e-6)
-    caffe = a / (k + alpha / n * sq) ** beta
-    torch.testing.assert_close(make_lrn(AlexNetConfig(lrn_convention="mean"))(a), caffe, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(make_lrn(AlexNetConfig(lrn_convention="alpha"))(a), expected, rtol=1e-5, atol=1e-6)
+    code = a / (k + alpha / n * sq) ** beta  # cuda-convnet2 layer.py divides scale by size: the default
+    torch.testing.assert_close(make_lrn(AlexNetConfig())(a), code, rtol=1e-5, atol=1e-6)
+    caffe = a / (1.0 + alpha / n * sq) ** beta
+    torch.testing.assert_close(make_lrn(AlexNetConfig(lrn_k=1.0))(a), caffe, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg", [AlexNetConfig(num_classes=7), AlexNetConfig(num_classes=10, lrn_layers="all")])
 def test_two_layouts_compute_the_same_function(cfg):
     torch.manual_seed(1)
-    grouped = AlexNet(cfg).eval()
+    grouped = AlexNet(cfg=cfg).eval()
     split = TwoDeviceAlexNet(cfg, ("cpu", "cpu")).eval()  # two "devices", both the CPU here
     load_canonical(split, canonical_state(grouped))
     x = torch.randn(3, 3, 224, 224)
@@ -69,32 +73,56 @@ def test_two_layouts_compute_the_same_function(cfg):
         torch.testing.assert_close(g_split[k], p.grad, rtol=0, atol=1e-9 * p.grad.abs().max().item())
 
 
-def test_sgd_step_matches_a_hand_written_update():
-    """PyTorch's SGD: v = m v + (g + wd w); w -= lr v. Two steps, so momentum is exercised."""
+def _tiny_model():
     torch.manual_seed(2)
-    model = AlexNet(AlexNetConfig(num_classes=5, dropout=0.0))
-    ref = copy.deepcopy(model)
-    lr, m, wd = 0.01, 0.9, 5e-4
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=m, weight_decay=wd)
-    x, y = torch.randn(4, 3, 224, 224), torch.tensor([0, 1, 2, 3])
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 4 * 4, 3)).double()
+
+
+@pytest.mark.parametrize("name", ["paper", "caffe"])
+def test_trainer_step_is_the_papers_update_rule(name):
+    """model.train's own optimizer and step against the paper's rule (section 5) written out:
+    v <- m v - lr_g wd_g w - lr_g grad;  w <- w + v, with the recipe's groups (biases: 2 lr, no decay),
+    for three steps across an lr division by 10, where the paper's v carries over unchanged."""
+    recipe = RECIPES[name]
+    model, ref = _tiny_model(), _tiny_model()
+    optimizer = make_optimizer(model, recipe)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
     velocity = {k: torch.zeros_like(p) for k, p in ref.named_parameters()}
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    for lr in (0.1, 0.1, 0.01):
+        train_step(model, optimizer, x, y, lr, bf16=False)
         ref.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
+        logits = ref(x)
+        loss = -(logits.log_softmax(1)[torch.arange(5), y]).mean()  # the batch mean of the cross-entropy
+        loss.backward()
         with torch.no_grad():
             for k, p in ref.named_parameters():
-                velocity[k] = m * velocity[k] + p.grad + wd * p
-                p -= lr * velocity[k]
-    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=k)
+                is_bias = k.endswith("bias")
+                lr_g = lr * (2.0 if is_bias else 1.0)
+                wd_g = 0.0 if is_bias else 5e-4
+                velocity[k] = 0.9 * velocity[k] - lr_g * wd_g * p - lr_g * p.grad
+                p += velocity[k]
+        for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=f"{k} after lr {lr}")
+
+
+def test_optimizer_groups_have_the_recipes_values():
+    model = AlexNet(num_classes=10)
+    groups = make_optimizer(model, RECIPES["paper"]).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    weights, biases = groups
+    assert all(names[id(p)].endswith("weight") for p in weights["params"]) and len(weights["params"]) == 8
+    assert all(names[id(p)].endswith("bias") for p in biases["params"]) and len(biases["params"]) == 8
+    assert (weights["lr"], weights["weight_decay"], weights["momentum"]) == (0.01, 5e-4, 0.9)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+    decayed = make_optimizer(model, Recipe(bias_decay=True, bias_lr_mult=1.0)).param_groups[1]
+    assert (decayed["lr"], decayed["weight_decay"]) == (0.01, 5e-4)
 
 
 def test_overfits_one_batch():
     torch.manual_seed(3)
-    model = AlexNet(AlexNetConfig(num_classes=4, init="kaiming", dropout=0.0))
+    model = AlexNet(cfg=AlexNetConfig(num_classes=4, init="kaiming", dropout=0.0))
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     x, y = torch.randn(8, 3, 224, 224), torch.arange(8) % 4
     losses = []
@@ -112,12 +140,12 @@ def test_plateau_schedule():
     assert plateau_divisions([0.9, 0.8, 0.8, 0.8], patience=2, max_divisions=3) == 1
     assert plateau_divisions([0.9, 0.9, 0.9, 0.9, 0.9], patience=2, max_divisions=3) == 2
     assert plateau_divisions([0.5] * 20, patience=1, max_divisions=3) == 3  # the paper stopped after 3
-    cfg = TrainConfig(lr=0.01, plateau_patience=2)
+    cfg = Recipe(lr=0.01, plateau_patience=2)
     assert learning_rate(cfg, 3.5, [0.9, 0.8, 0.8, 0.8]) == pytest.approx(0.001)
 
 
 def test_step_schedule_and_warmup():
-    cfg = TrainConfig(lr=0.01, schedule="step", step_epochs=30, warmup_epochs=2)
+    cfg = Recipe(lr=0.01, schedule="step", step_epochs=30, warmup_epochs=2)
     assert learning_rate(cfg, 0.0, []) == pytest.approx(0.001)
     assert learning_rate(cfg, 1.0, []) == pytest.approx(0.0055)
     assert learning_rate(cfg, 2.0, []) == pytest.approx(0.01)
@@ -130,7 +158,7 @@ def test_momentum_moves_between_layouts():
     """The checkpoint's optimizer state is keyed by canonical name: grouped -> halves -> grouped."""
     torch.manual_seed(4)
     cfg = AlexNetConfig(num_classes=6)
-    grouped = AlexNet(cfg)
+    grouped = AlexNet(cfg=cfg)
     opt = torch.optim.SGD(grouped.parameters(), lr=0.01, momentum=0.9)
     F.cross_entropy(grouped(torch.randn(2, 3, 224, 224)), torch.tensor([0, 5])).backward()
     opt.step()

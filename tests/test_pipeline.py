@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+import reference
 from conftest import tarfile_samples
 from pipeline import make_loader, plan
+from pipeline.normalization import Normalization
 from pipeline.shards import ShardError, atomic_write, iter_tar_samples, load_manifest, sha256_file
 
 BACKENDS = ["dali", "wds"]
@@ -33,35 +35,41 @@ def decoded(shards):
     return out
 
 
-def reference_batches(loader, decoded, epoch: int):
-    """What the loader must yield in `epoch`, computed from plan.py and the numpy reference."""
+def pca_of(shards) -> dict:
+    return json.load(open(os.path.join(shards, "pca.json")))
+
+
+def reference_batches(loader, decoded, epoch: int, mode: str, train_scale: float = 1.0):
+    """What the loader must yield in `epoch`: plan.py's order and draws, tests/reference.py's math."""
     cfg = loader.cfg
+    pca = pca_of(cfg.shards_dir)
     imgs, labels = decoded[cfg.split]
     order = loader._order(epoch)
-    mean, std = loader.norm_params()
     for b in range(len(loader)):
         pairs = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         if cfg.crop == "random":
-            p = loader.params(epoch, b)
-            offsets = loader.lighting_offsets(p)
-            x = [plan.reference_augment(imgs[s][i], p.crop_x[j], p.crop_y[j], bool(p.flip[j]) and cfg.flip,
-                                        offsets[j], mean, std) for j, (s, i) in enumerate(pairs)]
+            p = plan.batch_params(cfg.seed, epoch, cfg.rank, b, cfg.batch_size)
+            x = [reference.augment(imgs[s][i], round(32 * float(p.crop_x[j])), round(32 * float(p.crop_y[j])),
+                                   bool(p.flip[j]) and cfg.flip,
+                                   reference.lighting(p.alpha[j], pca) if cfg.lighting else None, mode, pca,
+                                   train_scale)
+                 for j, (s, i) in enumerate(pairs)]
         elif cfg.crop == "center":
-            x = [plan.reference_augment(imgs[s][i], 0.5, 0.5, False, np.zeros(3), mean, std) for s, i in pairs]
+            x = [reference.augment(imgs[s][i], 16, 16, False, None, mode, pca) for s, i in pairs]
         else:
-            x = [plan.reference_ten_crop(imgs[s][i], mean, std) for s, i in pairs]
+            x = [reference.ten_crop(imgs[s][i], mode, pca) for s, i in pairs]
         yield np.stack(x), np.array([labels[s][i] for s, i in pairs])
 
 
-def assert_matches_reference(loader, decoded, epoch=0, max_batches=3):
-    ref = reference_batches(loader, decoded, epoch)
+def assert_matches_reference(loader, decoded, epoch=0, max_batches=3, mode="mean", train_scale=1.0):
+    ref = reference_batches(loader, decoded, epoch, mode, train_scale)
     loader.set_epoch(epoch)
     n = 0
     for (x, y), (rx, ry) in zip(loader, ref):
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         np.testing.assert_array_equal(y.cpu().numpy(), ry)
-        # float32 against float64: 0-255 units agree to ~1e-4, normalized ones to ~1e-5
-        tol = 5e-5 if loader.cfg.normalize in (True, "std") else 2e-3
+        # float32 against float64: 0-255 units agree to ~1e-4, std-normalized ones to ~1e-5
+        tol = 5e-5 if mode == "std" else 2e-3
         np.testing.assert_allclose(x.cpu().numpy(), rx, atol=tol, rtol=0)
         n += 1
         if n == max_batches:
@@ -88,26 +96,52 @@ def test_flip_rate_is_one_half():
     assert abs(flips.mean() - 0.5) < 4 * 0.5 / np.sqrt(len(flips))
 
 
-def test_lighting_offsets_have_the_papers_covariance(shards):
-    pca = json.load(open(os.path.join(shards, "pca.json")))
-    lam, vec = np.array(pca["eigenvalues"]), np.array(pca["eigenvectors"])
-    alpha = np.concatenate([plan.batch_params(0, 0, 0, b, 128).alpha for b in range(300)])
-    assert abs(alpha.std() - plan.LIGHTING_STD) < 0.003 and abs(alpha.mean()) < 0.003
-    delta = plan.lighting_offset(alpha, lam, vec)
-    expected = sum((0.1 * lam[i]) ** 2 * np.outer(vec[i], vec[i]) for i in range(3))
-    np.testing.assert_allclose(np.cov(delta, rowvar=False), expected, rtol=0.06, atol=0.03 * expected.max())
+def test_lighting_draws_are_independent_normals_of_std_0_1():
+    alpha = np.concatenate([plan.batch_params(0, e, 0, b, 128).alpha for e in range(3) for b in range(100)])
+    n = len(alpha)  # 38,400 images x 3 components
+    assert abs(alpha.std() - 0.1) < 4 * 0.1 / np.sqrt(2 * alpha.size) and abs(alpha.mean()) < 4 * 0.1 / np.sqrt(alpha.size)
+    # independence across images and across components: |r| < 4.5 / sqrt(n) (false alarm ~1e-5 each)
+    for c in range(3):
+        assert abs(np.corrcoef(alpha[1:, c], alpha[:-1, c])[0, 1]) < 4.5 / np.sqrt(n)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert abs(np.corrcoef(alpha[:, a], alpha[:, b])[0, 1]) < 4.5 / np.sqrt(n)
 
 
 def test_reference_augment_on_a_known_array():
-    img = np.arange(256 * 256 * 3, dtype=np.int64).reshape(256, 256, 3) % 251
-    img = img.astype(np.uint8)
-    out = plan.reference_augment(img, 5 / 32, 32 / 32, True, np.array([0.01, 0, -0.01]), None, None)
-    expect = img[32:256, 5:229][:, ::-1].astype(np.float64) + np.array([2.55, 0, -2.55])
-    np.testing.assert_allclose(out, expect.transpose(2, 0, 1))
-    ten = plan.reference_ten_crop(img, np.array([0.5] * 3), np.array([0.25] * 3))
-    assert ten.shape == (10, 3, 224, 224)
-    np.testing.assert_allclose(ten[1], (img[0:224, 32:256].transpose(2, 0, 1) - 127.5) / 63.75)  # top right
-    np.testing.assert_allclose(ten[9], ten[4][:, :, ::-1])  # mirrored centre
+    """The oracle itself, on an image whose pixel values encode their coordinates."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = np.stack([yy, xx, (yy + xx) % 256], -1).astype(np.uint8)
+    pca = {"mean": [0.5, 0.25, 0.0], "std": [0.25, 0.5, 1.0], "eigenvalues": [0.04, 0.01, 0.0],
+           "eigenvectors": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+    np.testing.assert_allclose(reference.lighting([0.1, -0.2, 0.3], pca), [255 * 0.1 * 0.2, -255 * 0.2 * 0.1, 0])
+    out = reference.augment(img, 5, 32, True, None, "none", pca)
+    assert out[0, 0, 0] == 32 and out[1, 0, 0] == 5 + 223 and out[1, 0, 223] == 5  # row 32; mirrored columns
+    out = reference.augment(img, 0, 0, False, [10.0, 0, 0], "mean", pca, train_scale=0.5)
+    assert out[0, 3, 0] == pytest.approx((3 + 10 - 127.5) * 0.5) and out[1, 0, 7] == pytest.approx((7 - 63.75) * 0.5)
+    out = reference.augment(img, 0, 0, False, None, "std", pca)
+    assert out[0, 100, 0] == pytest.approx((100 / 255 - 0.5) / 0.25)
+
+
+def test_lighting_in_loader_output_is_0_1_sqrt_lambda_along_each_eigenvector(shards):
+    """The DALI loader's real output: lit minus unlit images of the same crops is one RGB offset per
+    image, whose projection on eigenvector i has std 0.1 * sqrt(lambda_i) * 255 (contract v2, not the
+    paper's literal 'times lambda'), independently from image to image."""
+    pca = pca_of(shards)
+    kw = dict(batch_size=100, normalize=False, num_threads=2, seed=5)
+    lit = list(make_loader(shards, "train", lighting=True, **kw))
+    unlit = list(make_loader(shards, "train", lighting=False, **kw))
+    offsets = np.concatenate([(a - b).double().mean((2, 3)).numpy() for (a, _), (b, _) in zip(lit, unlit)])
+    spread = np.concatenate([(a - b).double().std((2, 3)).numpy() for (a, _), (b, _) in zip(lit, unlit)])
+    assert len(offsets) == 600 and spread.max() < 1e-3  # the same offset on every pixel of an image
+    vectors = np.array(pca["eigenvectors"], np.float64)
+    n = len(offsets)
+    for i in range(3):
+        proj = offsets @ vectors[i]
+        expected = 0.1 * np.sqrt(pca["eigenvalues"][i]) * 255
+        # the sample std of n normals is within 4.5 / sqrt(2n) of sigma (relative) but with odds ~1e-5
+        assert abs(proj.std() / expected - 1) < 4.5 / np.sqrt(2 * n), (i, proj.std(), expected)
+        assert abs(np.corrcoef(proj[1:], proj[:-1])[0, 1]) < 4.5 / np.sqrt(n)  # independent across images
+    assert 10 < 0.1 * np.sqrt(0.2175) * 255 < 13  # on ImageNet: ~12 grey levels (DESIGN.md), not 5.5
 
 
 def test_rank_orders_are_disjoint_exactly_once_and_reshuffled():
@@ -145,16 +179,24 @@ def test_train_batches_match_reference(shards, decoded, backend):
 def test_unnormalized_output_is_in_0_255_units(shards, decoded, backend):
     loader = make_loader(shards, "train", batch_size=8, backend=backend, normalize=False, lighting=False,
                          num_threads=2)
-    assert_matches_reference(loader, decoded, max_batches=2)
+    assert_matches_reference(loader, decoded, max_batches=2, mode="none")
     x, _ = next(iter(loader))
     assert x.min() >= 0 and x.max() <= 255 and x.max() > 200
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mean_only_normalization_is_the_papers(shards, decoded, backend):
-    """normalize="mean": x - 255 * mean in 0-255 units, no division (paper, section 2)."""
-    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalize="mean", num_threads=2)
-    assert_matches_reference(loader, decoded, max_batches=1)
+def test_mean_only_normalization_is_the_default(shards, decoded, backend):
+    """normalize="mean" (the default): x - 255 * mean in 0-255 units, no division (cuda-convnet2
+    convdata.py); "std" the option; a Normalization with the paper's 1/1.1 scales lit batches."""
+    loader = make_loader(shards, "train", batch_size=8, backend=backend, num_threads=2)
+    assert_matches_reference(loader, decoded, max_batches=1, mode="mean")
+    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalize="std", num_threads=2)
+    assert_matches_reference(loader, decoded, max_batches=1, mode="std")
+    norm = Normalization.from_pca(pca_of(shards), "mean", train_scale=1 / 1.1)
+    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalization=norm, num_threads=2)
+    assert_matches_reference(loader, decoded, max_batches=1, mode="mean", train_scale=1 / 1.1)
+    val = make_loader(shards, "val", batch_size=8, backend=backend, normalization=norm, num_threads=2)
+    assert_matches_reference(val, decoded, max_batches=1, mode="mean")  # no scale without lighting
     x, _ = next(iter(make_loader(shards, "val", batch_size=8, backend=backend, normalize="mean", num_threads=2)))
     assert 30 < x.std() < 120 and abs(x.mean()) < 30
 
@@ -306,3 +348,39 @@ def test_gpu_pipeline_matches_cpu_pipeline(shards):
         assert xg.is_cuda and yg.is_cuda and torch.equal(yc, yg.cpu())
         # nvJPEG's IDCT differs from libjpeg-turbo's by a few 0-255 levels at most
         assert (xg.cpu() - xc).abs().mean() < 0.02, crop
+
+
+# ---------------------------------------------------------------- tools/show_batch.py
+
+def test_show_batch_tiles_are_the_batch_as_the_model_sees_it(shards, decoded, tmp_path, capsys):
+    from tools import show_batch
+    pca = pca_of(shards)
+    names = [c["name"] for c in load_manifest(shards)["classes"]]
+    imgs, labels = decoded["val"]
+    tiles = show_batch.batch_tiles(shards, "val", "center", batch_size=4)
+    for j, (tile, caption) in enumerate(tiles):  # val: source order, so shard 0's first four
+        assert np.abs(tile.astype(int) - imgs[0][j][16:240, 16:240]).max() <= 1
+        assert caption.splitlines() == [names[labels[0][j]], "crop (16, 16)"]
+    # random crops: de-normalized, they are the pixels plus the lighting, at the caption's offset
+    norm = Normalization.from_pca(pca, "mean", train_scale=1 / 1.1)
+    tiles = show_batch.batch_tiles(shards, "train", "random", batch_size=6, norm=norm)
+    loader = make_loader(shards, "train", batch_size=6, num_threads=2)
+    p = plan.batch_params(0, 0, 0, 0, 6)
+    train_imgs, train_labels = decoded["train"]
+    for j, ((s, i), (tile, caption)) in enumerate(zip(loader._order(0)[:6], tiles)):
+        left, top = round(32 * float(p.crop_x[j])), round(32 * float(p.crop_y[j]))
+        light = reference.lighting(p.alpha[j], pca)
+        expected = np.clip(reference.augment(train_imgs[s][i], left, top, bool(p.flip[j]), light, "none", pca), 0, 255)
+        assert np.abs(tile.astype(float) - expected.transpose(1, 2, 0)).max() <= 1.0
+        lines = caption.splitlines()
+        assert lines[0] == names[train_labels[s][i]] and lines[1].startswith(f"crop ({left}, {top})")
+        assert lines[1].endswith(" flip") == bool(p.flip[j])
+        assert lines[2] == "light (" + ", ".join(f"{v:+.1f}" for v in light) + ")"
+    out = str(tmp_path / "grid.png")
+    assert show_batch.main([shards, out, "--exaggerate", "5"]) == 0
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "16 tiles" in capsys.readouterr().out
+    no_pca = _copy(shards, tmp_path)
+    os.remove(os.path.join(no_pca, "pca.json"))
+    assert show_batch.main([no_pca, str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pca.json: missing" in err[0] and not os.path.exists(tmp_path / "x.png")

@@ -411,7 +411,7 @@ def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | 
     from model.alexnet import AlexNet, AlexNetConfig
     torch.manual_seed(0)
     gpu = dev != "cpu"
-    model = AlexNet(AlexNetConfig(num_classes=10, init="kaiming")).to(dev)
+    model = AlexNet(cfg=AlexNetConfig(num_classes=10, init="kaiming")).to(dev)
     x = torch.randn(batch, 3, 224, 224, device=dev)
     if gpu:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -442,7 +442,7 @@ def _halves_diff(devices) -> float:
     from model.alexnet import AlexNet, AlexNetConfig, TwoDeviceAlexNet, canonical_state, load_canonical
     torch.manual_seed(0)
     cfg = AlexNetConfig(num_classes=1000)
-    grouped = AlexNet(cfg).to(devices[0]).eval()
+    grouped = AlexNet(cfg=cfg).to(devices[0]).eval()
     split = TwoDeviceAlexNet(cfg, devices).eval()
     load_canonical(split, canonical_state(grouped))
     x = torch.randn(8, 3, 224, 224, device=devices[0])

@@ -1,0 +1,109 @@
+"""Training recipes: every value that decides what a run learns, in one named place.
+
+    python -m model.train --shards DIR                   # --recipe paper, the default
+    python -m model.train --shards DIR --recipe caffe    # Caffe's bvlc_alexnet
+    python -m model.train --shards DIR --lr 0.02         # any single flag overrides its recipe value
+
+"paper" is the paper (Krizhevsky, Sutskever, Hinton 2012), with what it leaves open
+resolved by its authors' released code (github.com/akrizhevsky/cuda-convnet2):
+  - input: 0-255 pixels minus the training mean, nothing divided (convdata.py);
+  - lighting: N(0, 0.1^2) draws times the eigenvalues' square roots, then training
+    batches times 1/(1 + 0.1) (convdata.py, add_color_noise);
+  - biases: 2x the weights' learning rate (epsB = 2 epsW), no weight decay (wc is the
+    weights'; layers/layer-params-223-ce2-1gpu.cfg, cudaconvnet/src/layer.cu);
+  - LRN: alpha divided by the size n (layer.py, CrossMapResponseNormLayerParser).
+"caffe" is BVLC/caffe models/bvlc_alexnet (solver.prototxt, train_val.prototxt).
+The README's table lists each choice with its source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+def _f(default, help: str):
+    """A recipe field with its help text (its unit and source), shown by `train --help`."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    # schedule and optimizer
+    epochs: int = _f(90, "passes over the training set (section 5: 'roughly 90 cycles')")
+    batch_size: int = _f(128, "images per step, over all ranks (section 5)")
+    lr: float = _f(0.01, "initial learning rate of the weights (section 5)")
+    momentum: float = _f(0.9, "SGD momentum (section 5)")
+    weight_decay: float = _f(5e-4, "L2 weight decay on the weights (section 5)")
+    bias_lr_mult: float = _f(2.0, "biases' learning rate / the weights' (cuda-convnet2: epsB = 2 epsW)")
+    bias_decay: bool = _f(False, "weight decay on the biases too (cuda-convnet2: no)")
+    schedule: str = _f("plateau", "'plateau': lr / 10 when the val top-1 error stops improving (section 5); "
+                                  "'step': lr / 10 every --step-epochs")
+    plateau_patience: int = _f(2, "epochs without a new best val top-1 error before lr / 10 (the paper gives none)")
+    max_lr_divisions: int = _f(3, "at most this many divisions by 10 (section 5: three)")
+    step_epochs: int = _f(30, "'step' schedule: epochs between divisions by 10")
+    warmup_epochs: float = _f(0.0, "linear ramp from lr/10 to lr over this many epochs (not in the paper)")
+    # model
+    init: str = _f("paper", "'paper': N(0, 0.01), biases 1 in conv2,4,5, fc6,7 (section 5); 'caffe': "
+                            "bvlc_alexnet's (biases 0.1, fc6/fc7 N(0, 0.005)); 'kaiming': He-normal, biases 0")
+    lrn_layers: str = _f("paper", "LRN after conv1, conv2 ('paper', section 3.3) or after all five convs ('all')")
+    lrn_convention: str = _f("alpha/n", "'alpha/n': k + alpha/n * sum(a^2), as cuda-convnet2 (layer.py) and Caffe "
+                                        "compute it; 'alpha': the paper's printed formula")
+    lrn_k: float = _f(2.0, "LRN's additive constant k (section 3.3; Caffe's default is 1)")
+    dropout: float = _f(0.5, "dropout probability in fc6 and fc7 (section 4.2)")
+    # input
+    input_norm: str = _f("mean", "'mean': x - mean in 0-255 units (cuda-convnet2 convdata.py); "
+                                 "'std': (x/255 - mean) / std")
+    lighting: bool = _f(True, "PCA lighting, alpha ~ N(0, 0.1^2) times sqrt(eigenvalue) (section 4.1, convdata.py)")
+    train_scale: float = _f(1 / 1.1, "lit training batches are multiplied by this (convdata.py: 1 / (1 + 0.1))")
+
+    def validate(self) -> None:
+        """ValueError naming the flag and what is wrong."""
+        choices = {"schedule": ("plateau", "step"), "init": ("paper", "caffe", "kaiming"),
+                   "lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
+                   "input_norm": ("mean", "std")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{flag(name)} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        positive = ("epochs", "batch_size", "lr", "step_epochs", "train_scale", "plateau_patience")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{flag(name)} must be > 0, not {getattr(self, name)}")
+        for name in ("momentum", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{flag(name)} must be in [0, 1), not {getattr(self, name)}")
+        for name in ("weight_decay", "bias_lr_mult", "warmup_epochs", "max_lr_divisions", "lrn_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{flag(name)} must be >= 0, not {getattr(self, name)}")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(),
+    # bvlc_alexnet: batch 256, lr 0.01 / 10 every 100k of 450k iterations: 20 and 90 epochs of ImageNet's
+    # 1.28M images; no lighting; LRN with Caffe's default k = 1; 57.1 % / 80.2 % top-1 / top-5 accuracy.
+    "caffe": replace(Recipe(), batch_size=256, schedule="step", step_epochs=20, init="caffe", lrn_k=1.0,
+                     lighting=False, train_scale=1.0),
+}
+
+SOURCES = {
+    "paper": ("Krizhevsky et al. 2012, resolved by cuda-convnet2 where the paper is silent",
+              "paper: 40.7 % / 18.2 % top-1 / top-5 error, one model, 10 crops (ILSVRC-2012 val)"),
+    "caffe": ("BVLC/caffe models/bvlc_alexnet (PR #327)",
+              "57.1 % / 80.2 % top-1 / top-5 accuracy, centre crop (its readme)"),
+}
+
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
+
+
+def resolve(name: str, overrides: dict) -> Recipe:
+    """The recipe `name` with the given fields replaced (None = keep the recipe's value).
+    He init assumes unit-variance inputs: --init kaiming without --input-norm takes "std"
+    (with 0-255 inputs its loss is non-finite within a few steps)."""
+    if name not in RECIPES:
+        raise KeyError(f"--recipe must be one of {', '.join(RECIPES)}, not {name!r}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("init") == "kaiming" and "input_norm" not in given:
+        given["input_norm"] = "std"
+    return replace(RECIPES[name], **given)

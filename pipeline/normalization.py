@@ -1,0 +1,99 @@
+"""What the loaders do to pixel values, in one place: pca.json plus the recipe -> numbers.
+
+Contract version 2 (docs/DESIGN.md), per image, in 0-255 units:
+
+    light = 255 * gain * sum_i alpha_i * sqrt(eigenvalue_i) * eigenvector_i,   alpha_i ~ N(0, 0.1^2)
+    out   = (crop + light - shift) / divisor * (train_scale if the batch has lighting else 1)
+
+    normalize  shift        divisor
+    "mean"     255 * mean   1            the paper's and its code's input: 0-255 minus the mean
+    "std"      255 * mean   255 * std    (x/255 - mean) / std, the modern convention
+    "none"     0            1            raw 0-255
+
+Lighting uses standard deviations (sqrt of the eigenvalues), as the authors' code
+does (cuda-convnet2 convdata.py: N(0, 1) draws times `color_stdevs`, times the
+coefficient 0.1), and that code then scales training batches by 1/(1 + 0.1)
+(`add_color_noise`), which is the paper recipe's train_scale.
+
+The trainer builds one Normalization from pca.json and the recipe, passes it to
+both loaders, and stores it in the checkpoint; evaluate and predict take it from
+the checkpoint, so a finished model never depends on a shard directory's pca.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from pipeline.shards import PCA_FILE
+
+MODES = ("mean", "std", "none")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mode: str = "mean"                                   # "mean", "std" or "none" (table above)
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)            # per channel, RGB, [0, 1] units (pca.json)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)             # per channel, RGB, [0, 1] units (pca.json)
+    eigenvalues: tuple[float, ...] = (0.0, 0.0, 0.0)     # RGB covariance, descending, [0, 1]^2 units
+    eigenvectors: tuple[tuple[float, ...], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    train_scale: float = 1.0                             # times batches with lighting (paper recipe: 1/1.1)
+    lighting_gain: float = 1.0                           # times the lighting; 1 = the paper; > 1 only to look
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"normalize must be one of {MODES}, not {self.mode!r}")
+
+    @classmethod
+    def from_pca(cls, pca: dict, mode: str = "mean", train_scale: float = 1.0) -> "Normalization":
+        return cls(mode=mode, mean=tuple(map(float, pca["mean"])), std=tuple(map(float, pca["std"])),
+                   eigenvalues=tuple(map(float, pca["eigenvalues"])),
+                   eigenvectors=tuple(tuple(map(float, v)) for v in pca["eigenvectors"]), train_scale=train_scale)
+
+    @classmethod
+    def from_shards(cls, shards_dir: str, mode: str = "mean", train_scale: float = 1.0) -> "Normalization":
+        """From SHARDS/pca.json; FileNotFoundError naming the file and the command that makes it."""
+        path = os.path.join(shards_dir, PCA_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: missing: run tools/compute_pca.py {shards_dir}")
+        with open(path) as f:
+            return cls.from_pca(json.load(f), mode, train_scale)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        return cls(**{**d, "eigenvectors": tuple(tuple(v) for v in d["eigenvectors"]),
+                      **{k: tuple(d[k]) for k in ("mean", "std", "eigenvalues")}})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def with_mode(self, mode: str) -> "Normalization":
+        return replace(self, mode=mode)
+
+    # -- the numbers the loaders apply ---------------------------------------
+    def shift_divisor(self, lit: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, divisor), float64 [3] in 0-255 units: out = (x + light - shift) / divisor.
+        `lit`: the batch gets lighting, so the training scale applies (divisor / train_scale)."""
+        shift = 255.0 * np.asarray(self.mean, np.float64) if self.mode != "none" else np.zeros(3)
+        divisor = 255.0 * np.asarray(self.std, np.float64) if self.mode == "std" else np.ones(3)
+        return shift, divisor / (self.train_scale if lit else 1.0)
+
+    def lighting(self, alpha: np.ndarray) -> np.ndarray:
+        """[B, 3] alphas (~N(0, 0.1^2)) -> [B, 3] RGB offsets in 0-255 units (contract v2)."""
+        stdevs = np.sqrt(np.maximum(np.asarray(self.eigenvalues, np.float64), 0.0))  # tiny negatives: rounding
+        return 255.0 * self.lighting_gain * (np.asarray(alpha, np.float64) * stdevs) @ np.asarray(self.eigenvectors)
+
+    def apply(self, crop: np.ndarray, light: np.ndarray | None = None) -> np.ndarray:
+        """uint8 HWC crop (already cropped and flipped) -> float32 CHW, as the loaders output it.
+        `light`: this image's [3] offset in 0-255 units, or None for an unlit (eval) image."""
+        shift, divisor = self.shift_divisor(lit=light is not None)
+        offset = (light if light is not None else 0.0) - shift
+        out = (crop.astype(np.float32) + offset.astype(np.float32)) / divisor.astype(np.float32)
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+    def unapply(self, images: np.ndarray, lit: bool) -> np.ndarray:
+        """Loader output [..., 3, H, W] back to 0-255 pixels, lighting included (for looking at a batch)."""
+        shift, divisor = self.shift_divisor(lit)
+        return images * divisor[:, None, None] + shift[:, None, None]

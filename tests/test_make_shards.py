@@ -388,3 +388,30 @@ def test_write_error_is_one_line_and_leaves_no_manifest(sources, tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"make_shards: {out}/") and err[-1].endswith("Input/output error"), err[-1]
     assert not os.path.exists(os.path.join(out, "dataset.json"))
+
+
+def test_sample_classes_differ_only_in_combination():
+    """Each of 100 classes is its own (shape, colour) pair, each colour is shared by 10 classes and
+    each shape by 10; past 100, the outline style makes 200 distinct appearances."""
+    classes = make_sample_data.make_classes(100)
+    assert len({(c.shape, c.colour) for c in classes}) == 100
+    for key in ("shape", "colour"):
+        counts = {}
+        for c in classes:
+            counts[getattr(c, key)] = counts.get(getattr(c, key), 0) + 1
+        assert sorted(counts.values()) == [10] * 10, key
+    assert len({(c.shape, c.colour, c.outline) for c in make_sample_data.make_classes(200)}) == 200
+
+
+def test_a_channel_mean_does_not_give_the_class_away():
+    """A nearest-centroid classifier on each image's mean RGB, 100 classes: 3 % measured (chance 1 %).
+    Were colour to name the class, it would approach 100 %; 10 % is what colour alone could reach."""
+    rng = np.random.default_rng(0)
+    classes = make_sample_data.make_classes(100)
+    feats = np.array([np.asarray(make_sample_data.draw_image(c, rng, (160, 120)), np.float64).reshape(-1, 3).mean(0)
+                      for c in classes for _ in range(6)])
+    labels = np.repeat(np.arange(100), 6)
+    train = np.arange(len(labels)) % 6 < 4
+    centroids = np.stack([feats[train & (labels == c)].mean(0) for c in range(100)])
+    pred = np.argmin(((feats[~train][:, None] - centroids[None]) ** 2).sum(-1), 1)
+    assert (pred == labels[~train]).mean() < 0.10

@@ -2,9 +2,12 @@
 
     python -m tools.make_sample_data OUT [--layout folder|kaggle|tars] [--classes 10]
 
-The images are SYNTHETIC: each class is a coloured shape (disc, square, ring, ...)
-on a noisy background, at a random position and scale, so a small CNN can learn
-them in minutes on a CPU. Nothing here is ImageNet data. The wnids are made up
+The images are SYNTHETIC: each class is a combination of a shape or texture (disc,
+ring, stripes, checker, ...), a colour and, past 100 classes, a fill style (solid or
+outline), drawn at a random position and scale on a noisy background with a few
+small distractor shapes of other colours (clutter). Each colour is shared by 10
+classes and each shape by 10, so neither the mean colour of an image nor its shape
+alone names the class; only the combination does. Nothing here is ImageNet data. The wnids are made up
 (n91000000, n91000001, ...) and the class names say "synthetic".
 
 The tree carries the quirks of real ILSVRC-2012 that break naive tools: a PNG
@@ -43,22 +46,62 @@ class SampleClass:
     name: str
     shape: str
     colour: tuple[int, int, int]
+    outline: bool = False  # drawn as an outline instead of filled (classes 100-199, 300-399, ...)
 
 
 def make_classes(count: int) -> list[SampleClass]:
-    return [
-        SampleClass(
-            wnid=f"n91{i:06d}",
-            name=f"synthetic {SHAPES[i % len(SHAPES)]} {i}",
-            shape=SHAPES[i % len(SHAPES)],
-            colour=COLOURS[i % len(COLOURS)],
-        )
-        for i in range(count)
-    ]
+    """Class i: shape i % 10, colour (i % 10 + i // 10) % 10, outline if (i // 100) is odd. The first
+    100 classes are the 100 (shape, colour) pairs, each once; 200 classes add the outline style
+    (beyond 200, appearances repeat)."""
+    classes = []
+    for i in range(count):
+        shape, colour = SHAPES[i % 10], COLOURS[(i % 10 + i // 10) % 10]
+        outline = (i // 100) % 2 == 1
+        classes.append(SampleClass(wnid=f"n91{i:06d}", name=f"synthetic {shape} {i}", shape=shape,
+                                   colour=colour, outline=outline))
+    return classes
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, colour, outline: bool,
+                rng: np.random.Generator) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    width = max(2, r // 6)
+    fill = dict(outline=colour, width=width) if outline else dict(fill=colour)
+    s = shape
+    if s == "disc":
+        draw.ellipse(box, **fill)
+    elif s == "square":
+        draw.rectangle(box, **fill)
+    elif s == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], **fill)
+    elif s == "ring":
+        draw.ellipse(box, outline=colour, width=max(3, r // (8 if outline else 4)))
+    elif s == "cross":
+        t = max(3, r // 3)
+        for rect in ((cx - r, cy - t, cx + r, cy + t), (cx - t, cy - r, cx + t, cy + r)):
+            draw.rectangle(rect, **fill)
+    elif s in ("hstripes", "vstripes"):
+        step = max(4, r // 4)
+        for k in range(-r, r, 2 * step):
+            rect = (cx - r, cy + k, cx + r, cy + k + step) if s == "hstripes" else (cx + k, cy - r, cx + k + step, cy + r)
+            draw.rectangle(rect, **fill)
+    elif s == "checker":
+        step = max(4, r // 3)
+        for i, y in enumerate(range(cy - r, cy + r, step)):
+            for j, x in enumerate(range(cx - r, cx + r, step)):
+                if (i + j) % 2 == 0:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), **fill)
+    elif s == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], **fill)
+    elif s == "dots":
+        d = max(3, r // 5)
+        for _ in range(12):
+            x, y = rng.integers(cx - r, cx + r), rng.integers(cy - r, cy + r)
+            draw.ellipse((x - d, y - d, x + d, y + d), **fill)
 
 
 def draw_image(cls: SampleClass, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """One RGB picture of the class's shape, random placement, noisy background."""
+    """One RGB picture: clutter, then the class's shape in its colour, on a noisy background."""
     w, h = size
     base = rng.integers(60, 196, size=3)
     noise = rng.normal(0, 18, size=(h // 4 + 1, w // 4 + 1, 3))
@@ -66,45 +109,16 @@ def draw_image(cls: SampleClass, rng: np.random.Generator, size: tuple[int, int]
     img = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(img)
     side = min(w, h)
+    for _ in range(int(rng.integers(0, 3))):  # clutter: small shapes of any shape and colour
+        rc = max(3, int(side * rng.uniform(0.05, 0.12)))
+        _draw_shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], int(rng.uniform(0, w)), int(rng.uniform(0, h)),
+                    rc, COLOURS[int(rng.integers(len(COLOURS)))], False, rng)
     r = int(side * rng.uniform(0.22, 0.4))
     cx = int(rng.uniform(r, w - r)) if w > 2 * r else w // 2
     cy = int(rng.uniform(r, h - r)) if h > 2 * r else h // 2
     jitter = rng.integers(-25, 26, size=3)
     colour = tuple(int(c) for c in np.clip(np.array(cls.colour) + jitter, 0, 255))
-    box = (cx - r, cy - r, cx + r, cy + r)
-    s = cls.shape
-    if s == "disc":
-        draw.ellipse(box, fill=colour)
-    elif s == "square":
-        draw.rectangle(box, fill=colour)
-    elif s == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    elif s == "ring":
-        draw.ellipse(box, outline=colour, width=max(3, r // 4))
-    elif s == "cross":
-        t = max(3, r // 3)
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=colour)
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=colour)
-    elif s in ("hstripes", "vstripes"):
-        step = max(4, r // 4)
-        for k in range(-r, r, 2 * step):
-            if s == "hstripes":
-                draw.rectangle((cx - r, cy + k, cx + r, cy + k + step), fill=colour)
-            else:
-                draw.rectangle((cx + k, cy - r, cx + k + step, cy + r), fill=colour)
-    elif s == "checker":
-        step = max(4, r // 3)
-        for i, y in enumerate(range(cy - r, cy + r, step)):
-            for j, x in enumerate(range(cx - r, cx + r, step)):
-                if (i + j) % 2 == 0:
-                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=colour)
-    elif s == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
-    elif s == "dots":
-        d = max(3, r // 5)
-        for _ in range(12):
-            x, y = rng.integers(cx - r, cx + r), rng.integers(cy - r, cy + r)
-            draw.ellipse((x - d, y - d, x + d, y + d), fill=colour)
+    _draw_shape(draw, cls.shape, cx, cy, r, colour, cls.outline, rng)
     return img
 
 

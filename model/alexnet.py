@@ -145,10 +145,15 @@ class TwoDeviceAlexNet(nn.Module):
         self.cfg = cfg
         self.devices = [torch.device(d) for d in devices]
         n0 = (cfg.num_classes + 1) // 2
-        self.halves = nn.ModuleList([AlexNetHalf(cfg, n0), AlexNetHalf(cfg, cfg.num_classes - n0)])
+        # The grouped layout's draws, split: one seed gives the same weights in either layout, and
+        # leaves the generator where the grouped layout leaves it (the halves' own default init runs
+        # on a forked generator). All on the CPU, before the halves move to their devices.
+        canonical = AlexNet(cfg=cfg).state_dict()
+        with torch.random.fork_rng(devices=[]):
+            self.halves = nn.ModuleList([AlexNetHalf(cfg, n0), AlexNetHalf(cfg, cfg.num_classes - n0)])
         self.lrn_after = _lrn_after(cfg)
-        init_weights(self, cfg)  # on the CPU, from the CPU generator, before the halves move: the same
-        for half, device in zip(self.halves, self.devices):  # draws as the grouped layout for one seed
+        self.load_canonical_state_dict(canonical)
+        for half, device in zip(self.halves, self.devices):
             half.to(device)
 
     def _both(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

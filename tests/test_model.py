@@ -172,3 +172,12 @@ def test_momentum_moves_between_layouts():
         assert torch.equal(back["momentum"][k], v), k
     rows = split.halves[0].conv2.weight.shape[0]
     assert torch.equal(opt2.state[split.halves[1].conv2.weight]["momentum_buffer"], state["momentum"]["conv2.weight"][rows:])
+
+
+def test_one_seed_gives_the_same_weights_in_both_layouts():
+    cfg = AlexNetConfig(num_classes=7)
+    torch.manual_seed(5)
+    grouped = canonical_state(AlexNet(cfg=cfg))
+    torch.manual_seed(5)
+    split = canonical_state(TwoDeviceAlexNet(cfg, ("cpu", "cpu")))
+    assert list(split) == list(grouped) and all(torch.equal(split[k], grouped[k]) for k in grouped)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -248,6 +249,17 @@ def _epoch_rate(loader) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _epoch_timing(loader) -> tuple[float, float]:
+    """(images/s after the first batch, seconds to the first batch): the rate without the epoch's
+    start-up (pipeline construction, first decode), and that start-up alone."""
+    t0 = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    t1 = time.perf_counter()
+    n = sum(len(y) for _, y in it)
+    return n / max(time.perf_counter() - t1, 1e-9), t1 - t0
+
+
 def bench_pipeline(a) -> dict:
     from pipeline import make_loader
     from tools import compute_pca
@@ -339,8 +351,10 @@ def bench_gpu(a) -> dict:
     try:
         import nvidia.dali
         report["dali"] = nvidia.dali.__version__
-    except ImportError:
-        report["dali"] = None
+    except ImportError:  # the check is about DALI: never fall back to the webdataset loader silently
+        print("gpu check: DALI is not installed here (pip install nvidia-dali-cuda130, or tools/gpu_check.sh "
+              "--wheels BUNDLE on an offline node)")
+        sys.exit(1)
     print(f"GPU check on {report['device']}: torch {report['torch']}, DALI {report['dali']}, "
           f"{images} generated images, batch {batch}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,7 +365,7 @@ def bench_gpu(a) -> dict:
         print("1. DALI pipeline on the device vs on the CPU (first batch, same seed)")
         sem = {}
         for crop, split in (("random", "train"), ("center", "val"), ("ten", "val")):
-            kw = dict(split=split, batch_size=min(batch, 32), crop=crop, seed=5)
+            kw = dict(split=split, batch_size=min(batch, 32), crop=crop, seed=5, backend="dali")
             xc, yc = next(iter(make_loader(out, device="cpu", **kw)))
             xg, yg = next(iter(make_loader(out, device=dev, **kw)))
             diff = (xg.float().cpu() - xc).abs()
@@ -362,10 +376,13 @@ def bench_gpu(a) -> dict:
                   f"{sem[crop]['mean_abs_diff']:.2e}, max {sem[crop]['max_abs_diff']:.2e} (normalized units) "
                   f"{'OK' if ok else 'MISMATCH'}")
         report["pipeline_semantics"] = sem
-        loader = make_loader(out, "train", batch_size=batch, device=dev)
+        loader = make_loader(out, "train", batch_size=batch, device=dev, backend="dali")
         _epoch_rate(loader)  # warm-up epoch
-        report["pipeline_images_per_s"] = max(_epoch_rate(loader) for _ in range(2))
-        _line("   DALI training pipeline", report["pipeline_images_per_s"])
+        timings = [_epoch_timing(loader) for _ in range(2)]
+        report["pipeline_images_per_s"] = max(t[0] for t in timings)  # without each epoch's start-up
+        report["pipeline_first_batch_s"] = min(t[1] for t in timings)
+        _line("   DALI training pipeline", report["pipeline_images_per_s"],
+              extra=f"  (after the first batch; first batch {report['pipeline_first_batch_s']:.2f} s)")
 
         # 2. the model alone, synthetic batches: bf16 autocast, channels-last, with/without torch.compile
         print("2. AlexNet training step on synthetic batches")
@@ -400,7 +417,42 @@ def bench_gpu(a) -> dict:
     for label, devices in pairs:
         report["halves"][label] = _halves_diff(devices)
         print(f"   {label}: max |logit diff| {report['halves'][label]:.2e}")
+
+    # 5. the recipe study (tools/init_study.py) on the generated 100-class set: which recipes leave chance
+    if a.study_steps != 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["recipe_study"] = _recipe_study(tmp, dev, dry, a)
     return report
+
+
+def _recipe_study(tmp: str, dev: str, dry: bool, a) -> dict:
+    """tools/init_study.py on the 100-class sample set (4 classes in a dry run); its plot and numbers
+    are copied next to the --json report (the runs' checkpoints stay in the temporary directory)."""
+    from tools import compute_pca, init_study, make_sample_data, make_shards
+    classes, per_class, batch = (4, 8, 8) if dry else (100, 40, 128)
+    steps = a.study_steps or (2 if dry else 2000)
+    src, shards, runs = (os.path.join(tmp, d) for d in ("study-src", "study-shards", "study-runs"))
+    print(f"5. recipe study: {classes} classes x {per_class} images, batch {batch}, >= {steps} steps per recipe")
+    make_sample_data.generate(src, "folder", classes=classes, train_per_class=per_class, val_per_class=5, seed=0,
+                              quirks=False)
+    _quiet(make_shards.main, [src, shards, "--shard-samples", "256"])
+    _quiet(compute_pca.main, [shards, "--quiet"])
+    t0 = time.perf_counter()
+    _quiet(init_study.main, [shards, "--steps", str(steps), "--batch-size", str(batch), "--devices", dev,
+                             "--out", runs])
+    with open(os.path.join(runs, "init_study.json")) as f:
+        study = json.load(f)
+    if a.json:
+        import shutil
+        for name in ("init_study.png", "init_study.json"):
+            shutil.copy(os.path.join(runs, name), os.path.join(os.path.dirname(os.path.abspath(a.json)), name))
+    summary = {name: {"first4": r["first4"], "last10": r["last10"], "val_top1_error": r["val_top1_error"],
+                      "exit": r["exit"]} for name, r in study["runs"].items()}
+    for name, r in summary.items():
+        print(f"   {name:12s} loss first 4 steps {r['first4']:7.3f}, last 10 {r['last10']:7.3f}, "
+              f"val top-1 error {100 * r['val_top1_error'][-1]:.1f}% after {len(r['val_top1_error'])} epochs")
+    print(f"   ({time.perf_counter() - t0:.0f} s; chance: loss {math.log(classes):.3f})")
+    return {"setup": study["setup"], "runs": summary, "seconds": time.perf_counter() - t0}
 
 
 def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | None = None) -> float:
@@ -463,6 +515,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--dry-run", action="store_true", help="gpu: rehearse on the CPU with tiny sizes")
+    p.add_argument("--study-steps", type=int, default=None,
+                   help="gpu: steps per recipe in the recipe study (default 2000, dry run 2; 0 skips it)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="gpu: the GPU's dense bf16 peak for the fraction of peak (H100/H200 SXM: 989)")
     a = p.parse_args(argv)

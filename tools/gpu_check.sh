@@ -1,71 +1,113 @@
 #!/usr/bin/env bash
 # Prove and measure every GPU path in minutes, offline. Writes gpu_check.json and prints a summary.
 #
-#   tools/gpu_check.sh [--out DIR]               run the check on this machine's GPU (~5 min on an H200)
+#   tools/gpu_check.sh [--out DIR]               run the check on this machine's GPU (<= 8 min on an H200)
 #   tools/gpu_check.sh --dry-run [--out DIR]     the same script on the CPU with tiny sizes (no GPU needed)
-#   tools/gpu_check.sh --bundle DIR              (where the package index is reachable) download the wheels
-#                                                a GPU node lacks, split into <= 60 MB pieces + SHA256SUMS
-#   tools/gpu_check.sh --wheels DIR [...]        (on the GPU node, no network) reassemble, verify, install,
-#                                                then run the check
-# Options: --install-only (with --wheels: install, no check), --python PY (interpreter to install into and run with; default python3),
-#          --packages "SPEC ..." (what --bundle fetches; default: DALI for CUDA 13 and the project's
-#          pure-Python needs), --piece-size SIZE (split(1) syntax, default 60M), --target-python 3.12.
+#   tools/gpu_check.sh --bundle DIR              (where the package index is reachable) download the wheels a
+#                                                GPU node lacks, split them into pieces and pack the pieces into
+#                                                transfer folders DIR/transfer-NN of <= 60 MB, each with the checksums
+#   tools/gpu_check.sh --wheels DIR [--wheels DIR2 ...]   (on the GPU node, no network) collect the pieces from
+#                                                every folder below the DIRs, verify each sha256, name what is
+#                                                missing, reassemble, install (--no-deps), then run the check
+# Options: --install-only (with --wheels: install, no check), --python PY (interpreter to install into and run
+#          with; default python3), --packages "SPEC ..." (what --bundle fetches; default: DALI for CUDA 13,
+#          webdataset), --skip "NAME ..." (wheels --bundle leaves out because the node has them; default: numpy
+#          six packaging), --transfer-size SIZE (bytes per transfer folder, default 60M; pieces are as large),
+#          --target-python 3.12, --study-steps N (steps per recipe in the check's recipe study; 0 skips it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-py=python3 out=gpu_check mode=check bundle="" wheels="" piece_size=60M target_py=3.12
-packages="nvidia-dali-cuda130==2.4.0 webdataset tqdm"
+py=python3 out=gpu_check mode=check bundle="" wheels=() transfer_size=60M target_py=3.12 study_steps=""
+packages="nvidia-dali-cuda130==2.4.0 webdataset"
+skip="numpy six packaging"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) mode=dry ;;
     --bundle) mode=bundle; bundle="$2"; shift ;;
-    --wheels) wheels="$2"; shift ;;
+    --wheels) wheels+=("$2"); shift ;;
     --out) out="$2"; shift ;;
     --python) py="$2"; shift ;;
     --packages) packages="$2"; shift ;;
+    --skip) skip="$2"; shift ;;
     --install-only) mode=install ;;
-    --piece-size) piece_size="$2"; shift ;;
+    --transfer-size|--piece-size) transfer_size="$2"; shift ;;
     --target-python) target_py="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --study-steps) study_steps="$2"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+to_bytes() { numfmt --from=iec "$1"; }
+
 if [ "$mode" = bundle ]; then
-  mkdir -p "$bundle/wheels"
+  rm -rf "$bundle"; mkdir -p "$bundle/.wheels" "$bundle/.pieces"
   # Wheels for the GPU node's platform (x86-64 Linux, CPython $target_py), with their dependencies.
   "$py" -m pip download -q --only-binary=:all: --python-version "$target_py" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform any -d "$bundle/wheels" $packages
-  rm -rf "$bundle/pieces"; mkdir -p "$bundle/pieces"
-  (cd "$bundle/wheels" && sha256sum *.whl > ../WHEELS.SHA256SUMS)
-  for w in "$bundle"/wheels/*.whl; do
-    split -b "$piece_size" -d -a 3 "$w" "$bundle/pieces/$(basename "$w").part-"
+    --platform manylinux2014_x86_64 --platform any -d "$bundle/.wheels" $packages
+  for name in $skip; do  # what the node already has: pip normalizes names to underscores in file names
+    rm -f "$bundle/.wheels/${name//-/_}"-[0-9]*.whl "$bundle/.wheels/$name"-[0-9]*.whl
   done
-  (cd "$bundle/pieces" && sha256sum * > ../PIECES.SHA256SUMS)
-  rm -rf "$bundle/wheels"
-  echo "bundle: $(ls "$bundle/pieces" | wc -l) pieces of <= $piece_size in $bundle/pieces" \
-       "($(du -sh "$bundle/pieces" | cut -f1)); copy $bundle over, then: tools/gpu_check.sh --wheels $bundle"
+  (cd "$bundle/.wheels" && sha256sum *.whl > ../WHEELS.SHA256SUMS)
+  limit=$(to_bytes "$transfer_size")
+  piece=$(( limit * 15 / 16 ))  # room for the checksum files beside the pieces
+  for w in "$bundle"/.wheels/*.whl; do
+    split -b "$piece" -d -a 3 "$w" "$bundle/.pieces/$(basename "$w").part-"
+  done
+  (cd "$bundle/.pieces" && sha256sum * > ../PIECES.SHA256SUMS)
+  # Pack the pieces into transfer folders of at most $transfer_size each, in order (first fit).
+  n=1 used=0
+  for f in "$bundle"/.pieces/*; do
+    size=$(stat -c %s "$f")
+    if [ $used -gt 0 ] && [ $(( used + size )) -gt "$piece" ]; then n=$((n + 1)); used=0; fi
+    dir="$bundle/transfer-$(printf %02d $n)"
+    mkdir -p "$dir"
+    mv "$f" "$dir/"
+    used=$(( used + size ))
+  done
+  for dir in "$bundle"/transfer-*; do cp "$bundle/PIECES.SHA256SUMS" "$bundle/WHEELS.SHA256SUMS" "$dir/"; done
+  rm -rf "$bundle/.wheels" "$bundle/.pieces" "$bundle/PIECES.SHA256SUMS" "$bundle/WHEELS.SHA256SUMS"
+  echo "bundle: $n transfer folders of <= $transfer_size in $bundle ($(du -sh "$bundle" | cut -f1)):" \
+       $(cd "$bundle" && ls -d transfer-*)
+  echo "send each folder in its own call (they may land in different places), then:" \
+       "tools/gpu_check.sh --wheels FOLDER [--wheels FOLDER2 ...]"
   exit 0
 fi
 
-if [ -n "$wheels" ]; then
-  (cd "$wheels/pieces" && sha256sum --quiet -c ../PIECES.SHA256SUMS) \
-    || { echo "gpu_check.sh: $wheels/pieces: a piece is missing or corrupt (PIECES.SHA256SUMS)" >&2; exit 1; }
-  rm -rf "$wheels/wheels"; mkdir -p "$wheels/wheels"
-  for first in "$wheels"/pieces/*.part-000; do
+if [ ${#wheels[@]} -gt 0 ]; then
+  work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+  sums="$(find "${wheels[@]}" -name PIECES.SHA256SUMS -print -quit)"
+  [ -n "$sums" ] || { echo "gpu_check.sh: no PIECES.SHA256SUMS below ${wheels[*]}" >&2; exit 1; }
+  wheel_sums="$(realpath "$(dirname "$sums")")/WHEELS.SHA256SUMS"
+  missing=()
+  mkdir -p "$work/pieces" "$work/wheels"
+  while read -r hash name; do  # every listed piece, from wherever it landed, checked before use
+    found=""
+    while IFS= read -r cand; do
+      if [ "$(sha256sum "$cand" | cut -d' ' -f1)" = "$hash" ]; then found="$cand"; break; fi
+    done < <(find "${wheels[@]}" -name "$name" -type f)
+    if [ -n "$found" ]; then ln -sf "$(realpath "$found")" "$work/pieces/$name"; else missing+=("$name"); fi
+  done < "$sums"
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "gpu_check.sh: ${#missing[@]} piece(s) missing or corrupt below ${wheels[*]}: ${missing[*]}" >&2
+    exit 1
+  fi
+  for first in "$work"/pieces/*.part-000; do
     name="$(basename "${first%.part-000}")"
-    cat "$wheels/pieces/$name".part-* > "$wheels/wheels/$name"
+    cat "$work/pieces/$name".part-* > "$work/wheels/$name"
   done
-  (cd "$wheels/wheels" && sha256sum --quiet -c ../WHEELS.SHA256SUMS) \
-    || { echo "gpu_check.sh: $wheels: a reassembled wheel does not match WHEELS.SHA256SUMS" >&2; exit 1; }
-  "$py" -m pip install -q --no-index --find-links "$wheels/wheels" $(cd "$wheels/wheels" && ls *.whl | sed 's/-.*//' | sort -u)
-  echo "installed: $(cd "$wheels/wheels" && ls *.whl | tr '\n' ' ')"
+  (cd "$work/wheels" && sha256sum --quiet -c "$wheel_sums") \
+    || { echo "gpu_check.sh: a reassembled wheel does not match $wheel_sums" >&2; exit 1; }
+  # --no-deps: the bundle holds what the node lacks; what it has (numpy, ...) stays as it is.
+  "$py" -m pip install -q --no-index --no-deps "$work"/wheels/*.whl
+  echo "installed: $(cd "$work/wheels" && ls *.whl | tr '\n' ' ')"
   [ "$mode" = install ] && exit 0
 fi
 
 cd "$here"
 args=(--json "$out/gpu_check.json")
 [ "$mode" = dry ] && args+=(--dry-run)
+[ -n "$study_steps" ] && args+=(--study-steps "$study_steps")
 mkdir -p "$out"
 PYTHONUNBUFFERED=1 "$py" -m tools.bench gpu "${args[@]}" 2>&1 | tee "$out/gpu_check.txt"

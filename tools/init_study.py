@@ -1,7 +1,7 @@
 """Train each recipe on the same data, seed and step budget, and show which ones leave chance.
 
     python -m tools.init_study SHARDS [--steps 300] [--batch-size 64] [--out runs/init_study]
-                               [--variants paper,caffe,kaiming,old-default] [--diagnose-only]
+                               [--variants paper,caffe,kaiming,old-default] [--diagnose-only] [--trace STEPS]
 
 Variants (model/recipes.py, README "Recipes"):
   paper         the default recipe: paper init, 0-255 input minus the mean, bias lr x2, no bias decay,
@@ -71,6 +71,57 @@ def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
     return out
 
 
+def trace(shards: str, names: list[str], steps: int, batch_size: int, lr: float) -> dict:
+    """The first `steps` steps of each variant, with the trainer's own optimizer and step, and at each
+    step: the loss, and on a fixed batch of val images in eval mode, the share of fc7 units that are
+    zero for every image (dead), how much fc7's output depends on the image (std across images /
+    mean), and the logits' spread across images relative to their size. Shows where the signal goes when a variant stays at chance."""
+    import torch
+    import torch.nn.functional as F
+
+    from model import train
+    from model.alexnet import AlexNet, AlexNetConfig
+    from pipeline import make_loader
+    from pipeline.normalization import Normalization
+    out = {}
+    for name in names:
+        cfg = train.config_from_args(["--shards", shards, "--lr", str(lr), *VARIANTS[name]])
+        recipe = train.resolve_recipe(cfg)
+        norm = Normalization.from_shards(shards, recipe.input_norm, recipe.train_scale)
+        loader = make_loader(shards, "train", batch_size=batch_size, normalization=norm, lighting=recipe.lighting,
+                             num_threads=2)
+        torch.manual_seed(0)
+        model = AlexNet(cfg=AlexNetConfig(num_classes=len(loader.classes), init=recipe.init, lrn_k=recipe.lrn_k,
+                                          lrn_convention=recipe.lrn_convention, dropout=recipe.dropout))
+        optimizer = train.make_optimizer(model, recipe)
+        seen = {}
+        model.fc7.register_forward_hook(lambda m, i, o: seen.__setitem__("fc7", F.relu(o.detach())))
+        model.fc8.register_forward_hook(lambda m, i, o: seen.__setitem__("fc8", o.detach()))
+        probe, _ = next(iter(make_loader(shards, "val", batch_size=batch_size, normalization=norm, num_threads=2)))
+        rows, step = [], 0
+        while step < steps:
+            for x, y in loader:
+                loss = train.train_step(model, optimizer, x, y, recipe.lr, bf16=False)
+                with torch.no_grad():  # the probe: fixed val images, eval mode (no dropout noise)
+                    model.eval()
+                    model(probe)
+                    model.train()
+                h7, logits = seen["fc7"], seen["fc8"]
+                rows.append({"step": step + 1, "loss": loss.item(), "fc7_dead": (h7.amax(0) == 0).float().mean().item(),
+                             "fc7_image_dependence": (h7.std(0).mean() / h7.mean().clamp_min(1e-12)).item(),
+                             "logit_spread": (logits.std(0).mean() / logits.abs().mean()).item()})
+                step += 1
+                if step == steps:
+                    break
+        out[name] = rows
+        print(f"\n{name}: step   loss    fc7 dead   fc7 image-dependence   logit spread / size")
+        for r in rows:
+            if r["step"] in (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60, 80, 100) or r["step"] == steps:
+                print(f"{'':12s}{r['step']:4d} {r['loss']:7.3f} {100 * r['fc7_dead']:8.1f}% "
+                      f"{r['fc7_image_dependence']:17.2e} {r['logit_spread']:20.2e}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,12 +133,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/init_study")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--diagnose-only", action="store_true", help="only the table at initialisation")
+    p.add_argument("--trace", type=int, default=0, metavar="STEPS",
+                   help="only follow each variant's first STEPS steps (loss, dead fc7 units, image dependence)")
     a = p.parse_args(argv)
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or a.steps < 1 or a.batch_size < 1:
         p.error(f"unknown variants {unknown}" if unknown else "--steps and --batch-size must be >= 1")
     os.makedirs(a.out, exist_ok=True)
+    if a.trace:
+        with open(os.path.join(a.out, "trace.json"), "w") as f:
+            json.dump(trace(a.shards, names, a.trace, a.batch_size, a.lr), f)
+        return 0
     report = {"diagnosis": diagnose(a.shards, names, min(a.batch_size, 64))}
     if a.diagnose_only:
         return 0

@@ -32,6 +32,15 @@ from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.shards import ShardError, index_text, iter_tar_samples
 
 CLS_DIGITS = 4  # .cls holds up to 4 ASCII digits (class indices below 10,000)
+DATA_OPS = ("fn.decoders.image", "fn.readers.webdataset")  # errors of these are about the data
+
+
+def dali_reason(error: Exception) -> str:
+    """The line of a DALI error that says what went wrong (after 'encountered:'), else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else repr(error)
 
 
 def parse_ascii_int(cls):
@@ -138,14 +147,17 @@ class DaliLoader(ShardLoader):
                     images = self.channels(images)
                 yield images, labels
         except RuntimeError as e:
+            if not any(op in str(e) for op in DATA_OPS):
+                raise  # not the data (CUDA out of memory, say): no hour-long rescan, no blame on the shards
             raise ShardError(self._diagnose(order, e)) from None
         finally:
             del pipe
 
     def _diagnose(self, order: np.ndarray, error: Exception) -> str:
-        """DALI's errors name neither shard nor key: find the first bad sample in Python."""
+        """DALI's errors name neither shard nor key: find the first bad sample of this epoch's
+        shards in Python (a read of each shard it touches; only after a reader or decoder error)."""
         from PIL import Image
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        first = dali_reason(error)
         for shard in sorted(set(order[:, 0].tolist())):
             path = self.shards[shard]["path"]
             try:

@@ -330,6 +330,25 @@ def test_corrupt_jpeg_met_while_reading_names_shard_and_key(shards, tmp_path, ba
         list(loader)
 
 
+def test_dali_errors_not_about_the_data_are_not_blamed_on_the_shards(shards, monkeypatch):
+    """Only reader and decoder errors trigger the rescan of the epoch's shards; any other error (here
+    a CUDA out-of-memory message, as DALI would raise it) comes through unchanged, at once."""
+    import pipeline.dali as dali
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("Critical error in pipeline:\nError in GPU operator `nvidia.dali.fn.crop_mirror_normalize`"
+                           "\nencountered:\n\nCUDA error: out of memory")
+
+    def no_rescan(*args):
+        raise AssertionError("rescanned the shards")
+    monkeypatch.setattr(dali, "DALIGenericIterator", out_of_memory)
+    monkeypatch.setattr(dali.DaliLoader, "_diagnose", no_rescan)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(make_loader(shards, "val", batch_size=16, backend="dali", num_threads=2))
+    assert dali.dali_reason(RuntimeError("Critical error\nencountered:\n\nnvImageCodec failure: '#3'\nmore")) \
+        == "nvImageCodec failure: '#3'"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="crop must be"):
         make_loader("unused", "val", crop="left")

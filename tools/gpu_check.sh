@@ -56,16 +56,18 @@ if [ "$mode" = bundle ]; then
     split -b "$piece" -d -a 3 "$w" "$bundle/.pieces/$(basename "$w").part-"
   done
   (cd "$bundle/.pieces" && sha256sum * > ../PIECES.SHA256SUMS)
-  # Pack the pieces into transfer folders of at most $transfer_size each, in order (first fit).
-  n=1 used=0
-  for f in "$bundle"/.pieces/*; do
-    size=$(stat -c %s "$f")
-    if [ $used -gt 0 ] && [ $(( used + size )) -gt "$piece" ]; then n=$((n + 1)); used=0; fi
-    dir="$bundle/transfer-$(printf %02d $n)"
+  # Pack the pieces into as few transfer folders of <= $transfer_size as first-fit decreasing finds.
+  used=()
+  while IFS= read -r f; do
+    size=$(stat -c %s "$f") k=0
+    while [ $k -lt ${#used[@]} ] && [ $(( used[k] + size )) -gt "$piece" ]; do k=$((k + 1)); done
+    [ $k -lt ${#used[@]} ] || used+=(0)
+    used[k]=$(( used[k] + size ))
+    dir="$bundle/transfer-$(printf %02d $((k + 1)))"
     mkdir -p "$dir"
     mv "$f" "$dir/"
-    used=$(( used + size ))
-  done
+  done < <(ls -S "$bundle"/.pieces/* )
+  n=${#used[@]}
   for dir in "$bundle"/transfer-*; do cp "$bundle/PIECES.SHA256SUMS" "$bundle/WHEELS.SHA256SUMS" "$dir/"; done
   rm -rf "$bundle/.wheels" "$bundle/.pieces" "$bundle/PIECES.SHA256SUMS" "$bundle/WHEELS.SHA256SUMS"
   echo "bundle: $n transfer folders of <= $transfer_size in $bundle ($(du -sh "$bundle" | cut -f1)):" \

@@ -69,6 +69,20 @@ def _lrn_after(cfg: AlexNetConfig) -> set[str]:
     return {"conv1", "conv2"} if cfg.lrn_layers == "paper" else {c[0] for c in CONVS}
 
 
+POOL_AFTER = ("conv1", "conv2", "conv5")  # overlapping max-pooling, 3x3 stride 2 (section 3.4)
+
+
+def conv_block(x: torch.Tensor, conv: nn.Module, lrn, name: str, lrn_after: set[str]) -> torch.Tensor:
+    """One convolution as the paper orders it, for either layout: conv -> ReLU -> LRN (where the
+    config puts it; section 3.3: 'after applying the ReLU') -> max-pool (after conv1, conv2, conv5)."""
+    x = F.relu(conv(x), inplace=True)
+    if name in lrn_after:
+        x = lrn(x)
+    if name in POOL_AFTER:
+        x = F.max_pool2d(x, 3, 2)
+    return x
+
+
 def init_weights(model: nn.Module, cfg: AlexNetConfig) -> None:
     """Paper (section 5): weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
     "caffe": biases 0.1 there and fc6/fc7 weights N(0, 0.005). "kaiming": He-normal, biases 0."""
@@ -107,12 +121,8 @@ class AlexNet(nn.Module):
         return self.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
-            x = F.relu(getattr(self, name)(x), inplace=True)
-            if name in self.lrn_after:
-                x = self.half_lrn(x)
-            if name in ("conv1", "conv2", "conv5"):
-                x = F.max_pool2d(x, 3, 2)  # overlapping pooling (section 3.4)
+        for name, *_ in CONVS:
+            x = conv_block(x, getattr(self, name), self.half_lrn, name, self.lrn_after)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,15 +172,7 @@ class TwoDeviceAlexNet(nn.Module):
         return torch.cat([a, b.to(d0, non_blocking=True)], 1), torch.cat([a.to(d1, non_blocking=True), b], 1)
 
     def _conv(self, name: str, xs):
-        out = []
-        for half, x in zip(self.halves, xs):
-            x = F.relu(getattr(half, name)(x), inplace=True)
-            if name in self.lrn_after:
-                x = half.lrn(x)
-            if name in ("conv1", "conv2", "conv5"):
-                x = F.max_pool2d(x, 3, 2)
-            out.append(x)
-        return out
+        return [conv_block(x, getattr(half, name), half.lrn, name, self.lrn_after) for half, x in zip(self.halves, xs)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = [x.to(d, non_blocking=True) for d in self.devices]

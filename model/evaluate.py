@@ -40,14 +40,15 @@ def load_model(path: str, device: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--shards", required=True)
-    p.add_argument("--ten-crop", action="store_true", help="the paper's 10-crop evaluation")
-    p.add_argument("--devices", default="auto", help="cpu, cuda, cuda:N (default: cuda if any)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt of model.train")
+    p.add_argument("--shards", required=True, help="shard directory with a val split (pca.json not needed)")
+    p.add_argument("--ten-crop", action="store_true", help="the paper's 10 crops (softmax averaged), not the centre")
+    p.add_argument("--devices", default="auto", help="cpu, cuda, cuda:N; auto: cuda if any")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (ten crops: x10 forward passes)")
     p.add_argument("--backend", default="auto", help="data pipeline: dali, wds or auto")
-    p.add_argument("--json", help="also write the result here")
+    p.add_argument("--json", help="also write the result to this JSON file")
     a = p.parse_args(argv)
     try:
         device = parse_devices(a.devices)[0]

@@ -32,12 +32,16 @@ def preprocess(path: str, norm: Normalization) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--devices", default="cpu")
-    p.add_argument("--top", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt of model.train")
+    p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    p.add_argument("--devices", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (bounds the memory)")
     a = p.parse_args(argv)
+    if a.top < 1 or a.batch_size < 1:
+        p.error("--top and --batch-size must be >= 1")
     try:
         device = parse_devices(a.devices)[0]
         model, ckpt = load_model(a.checkpoint, device)
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
         print(f"predict: {e}", file=sys.stderr)
         return 2
     with torch.no_grad():
-        probs = torch.softmax(model(torch.stack(batch).to(device)).float(), 1).cpu()
+        probs = torch.cat([torch.softmax(model(torch.stack(batch[i:i + a.batch_size]).to(device)).float(), 1).cpu()
+                           for i in range(0, len(batch), a.batch_size)])
     names = ckpt["classes"]
     for path, pr in zip(a.images, probs):
         values, indices = pr.topk(min(a.top, len(names)))

@@ -415,3 +415,29 @@ def test_a_channel_mean_does_not_give_the_class_away():
     centroids = np.stack([feats[train & (labels == c)].mean(0) for c in range(100)])
     pred = np.argmin(((feats[~train][:, None] - centroids[None]) ** 2).sum(-1), 1)
     assert (pred == labels[~train]).mean() < 0.10
+
+
+@pytest.mark.parametrize("size", [(600, 300), (300, 600), (150, 100)])
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_resize_and_centre_crop_geometry_on_a_gradient(size, axis):
+    """A lossless grey source that ramps along `axis` from 0 to 255 across the central square: the
+    stored 256 image must be that square, scaled: output pixel j samples source coordinate
+    c0 + (j + 0.5) s - 0.5 with s = side / 256, so it reads 255 (j + 0.5) / 256 - 0.5 / side * 255,
+    about j + 0.5 (1 grey level per pixel: a one-pixel shift moves the mean error by 1)."""
+    w, h = size
+    side = min(w, h)
+    c0 = ((w if axis == "x" else h) - side) / 2
+    coord = np.arange(w if axis == "x" else h, dtype=np.float64)
+    ramp = np.clip(255 * (coord - c0) / (side - 1), 0, 255)
+    grey = np.broadcast_to(ramp[None, :] if axis == "x" else ramp[:, None], (h, w))
+    buf = io.BytesIO()
+    Image.fromarray(grey.round().astype(np.uint8), "L").save(buf, "PNG")
+    data, orig = make_shards.process_image(buf.getvalue(), make_shards.ShardOptions(quality=95))
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64)[..., 0]
+    assert orig == (w, h) and out.shape == (256, 256)
+    j = np.arange(256)
+    expected = 255 * ((j + 0.5) * side / 256 - 0.5) / (side - 1)
+    expected = expected[None, :] if axis == "x" else expected[:, None]
+    inner = slice(8, 248)  # the filter's support reaches past the box near its edges
+    err = out[inner, inner] - np.broadcast_to(expected, (256, 256))[inner, inner]
+    assert abs(err.mean()) < 0.3 and np.abs(err).max() < 2.5, (err.mean(), np.abs(err).max())

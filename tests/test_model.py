@@ -181,3 +181,66 @@ def test_one_seed_gives_the_same_weights_in_both_layouts():
     torch.manual_seed(5)
     split = canonical_state(TwoDeviceAlexNet(cfg, ("cpu", "cpu")))
     assert list(split) == list(grouped) and all(torch.equal(split[k], grouped[k]) for k in grouped)
+
+
+def _lrn_by_hand(a, n=5, alpha=1e-4, beta=0.75, k=2.0):
+    """Within each half (48 or 128 maps), a / (k + alpha/n * sum of squares of n neighbours)^beta."""
+    out = torch.empty_like(a)
+    half = a.shape[1] // 2
+    for h in (0, 1):
+        x = a[:, h * half:(h + 1) * half]
+        sq = x ** 2
+        for c in range(half):
+            window = sq[:, max(0, c - n // 2):min(half, c + n // 2 + 1)].sum(1)
+            out[:, h * half + c] = x[:, c] / (k + alpha / n * window) ** beta
+    return out
+
+
+def _forward_by_hand(state, x, masks):
+    """The paper's layer order (section 3.5, figure 2) from the canonical weights, in float64:
+    conv -> ReLU -> LRN -> max-pool 3/2 for conv1 and conv2; conv3, conv4 with ReLU; conv5 -> ReLU ->
+    pool; fc6, fc7 -> ReLU -> dropout (masks: kept units, scaled by 1/(1 - p)); fc8."""
+    def conv(name, t, stride, pad, groups):
+        return F.conv2d(t, state[f"{name}.weight"], state[f"{name}.bias"], stride, pad, groups=groups)
+    t = F.max_pool2d(_lrn_by_hand(conv("conv1", x, 4, 2, 1).clamp_min(0)), 3, 2)
+    t = F.max_pool2d(_lrn_by_hand(conv("conv2", t, 1, 2, 2).clamp_min(0)), 3, 2)
+    t = conv("conv3", t, 1, 1, 1).clamp_min(0)
+    t = conv("conv4", t, 1, 1, 2).clamp_min(0)
+    t = F.max_pool2d(conv("conv5", t, 1, 1, 2).clamp_min(0), 3, 2).flatten(1)
+    t = (t @ state["fc6.weight"].T + state["fc6.bias"]).clamp_min(0) * masks[0]
+    t = (t @ state["fc7.weight"].T + state["fc7.bias"]).clamp_min(0) * masks[1]
+    return t @ state["fc8.weight"].T + state["fc8.bias"]
+
+
+@pytest.mark.parametrize("layout", ["grouped", "two halves"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_pass_is_the_papers_layer_order(layout, mode, monkeypatch):
+    """AlexNet against a hand-written forward pass, in train mode with a fixed dropout mask (patched
+    in where the model draws its mask) and in eval mode (no dropout)."""
+    import model.alexnet as alexnet
+    torch.manual_seed(6)
+    cfg = AlexNetConfig(num_classes=10)
+    grouped = AlexNet(cfg=cfg).double()
+    net = grouped if layout == "grouped" else TwoDeviceAlexNet(cfg, ("cpu", "cpu")).double()
+    load_canonical(net, canonical_state(grouped))
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64) * 50
+    g = torch.Generator().manual_seed(7)
+    keep = [(torch.rand(2, 4096, generator=g) > 0.5).double() for _ in range(2)]
+    drawn = []
+
+    def fixed_dropout(t, p, training, inplace=False):  # the model's own call, with a known mask
+        if not training:
+            return t
+        assert p == 0.5
+        mask = keep[len(drawn) // (1 if layout == "grouped" else 2)]
+        if layout == "two halves":  # each half drops its own 2048 units
+            mask = mask[:, :2048] if len(drawn) % 2 == 0 else mask[:, 2048:]
+        drawn.append(p)
+        return t * mask / (1 - p)
+    monkeypatch.setattr(alexnet.F, "dropout", fixed_dropout)
+    net.train(mode == "train")
+    masks = [m / 0.5 for m in keep] if mode == "train" else [1.0, 1.0]
+    expected = _forward_by_hand(canonical_state(grouped), x, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=1e-9, atol=1e-9)
+    assert len(drawn) == ((2 if layout == "grouped" else 4) if mode == "train" else 0)

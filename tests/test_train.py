@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,3 +264,44 @@ def test_ddp_checkpoints_by_the_clock_over_several_epochs_do_not_hang(tiny_shard
     epochs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in x]
     assert [e["epoch"] for e in epochs if e["kind"] == "epoch"] == [0, 1, 2]
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 6
+
+
+class _TableModel(torch.nn.Module):
+    """Logits looked up by an id written in each input's first pixel: a model with known outputs."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_evaluation_on_hand_built_logits(crops):
+    """12 classes, 7 images; with ten crops the softmax outputs (not the logits) are averaged.
+    Expected top-1, top-5 and loss computed here by hand in float64."""
+    import reference
+    rng = np.random.default_rng(3)
+    n, classes = 7, 12
+    logits = rng.normal(0, 3, (n * crops, classes))
+    labels = np.array([0, 5, 11, 3, 3, 8, 1])
+    boost = np.repeat([6.0, 6.0, 0.0, 2.5, 0.0, 2.0, -3.0], crops)  # some right, some top-5 only, some wrong
+    logits[np.arange(n * crops), np.repeat(labels, crops)] += boost
+    probs = reference.softmax(logits).reshape(n, crops, classes).mean(1)
+    ranked = np.argsort(-probs, 1)
+    expect_top1 = np.mean(ranked[:, 0] != labels)
+    expect_top5 = np.mean([labels[i] not in ranked[i, :5] for i in range(n)])
+    expect_loss = -np.mean(np.log(probs[np.arange(n), labels]))
+    ids = torch.arange(n * crops, dtype=torch.float32)
+    images = ids.view(n, crops, 1, 1, 1).expand(n, crops, 3, 2, 2).clone()
+    if crops == 1:
+        images = images[:, 0]
+    batches = [(images[:4], torch.as_tensor(labels[:4])), (images[4:], torch.as_tensor(labels[4:]))]
+    sums = train.evaluate(_TableModel(logits), batches, torch.device("cpu"), bf16=False)
+    result = train.summarize(sums)
+    assert result["val_samples"] == n
+    assert result["val_top1_error"] == pytest.approx(expect_top1, abs=1e-12)
+    assert result["val_top5_error"] == pytest.approx(expect_top5, abs=1e-12)
+    assert result["val_loss"] == pytest.approx(expect_loss, rel=1e-5)
+    assert 0 < expect_top5 < expect_top1 < 1  # the case is not degenerate: both errors are informative

@@ -3,7 +3,7 @@
     python tools/compute_pca.py OUT [--workers N] [--max-images N]
 
 Reads OUT/dataset.json and the train shards (each checked against its sha256),
-and writes OUT/pca.json (../shared/DESIGN.md): per-channel mean and std, the 3x3
+and writes OUT/pca.json (docs/DESIGN.md): per-channel mean and std, the 3x3
 RGB covariance, its eigenvalues (descending) and unit eigenvectors, with pixels
 scaled to [0, 1]; `pixels`, `images`, and `source` (the sha256 of dataset.json).
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("out", help="shard directory made by make_shards.py")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     p.add_argument("--max-images", type=int, default=None, help="count only the first N training images")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     a = p.parse_args(argv)
     if a.workers < 1 or (a.max_images is not None and a.max_images < 1):
         p.error("--workers and --max-images must be >= 1")

@@ -5,7 +5,7 @@ names where the layout carries them) and, per split, a list of `SourceSample`s,
 each of which says where its bytes are: a file, or a byte range inside a tar
 (the original downloads are read in place, never extracted to disk).
 
-Layouts (../shared/DESIGN.md):
+Layouts (docs/DESIGN.md):
   folder  SRC/train/<wnid>/*.JPEG, SRC/val/<wnid>/*.JPEG
   kaggle  SRC/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, SRC/LOC_val_solution.csv,
           SRC/LOC_synset_mapping.txt

@@ -2,7 +2,7 @@
 
     python tools/make_shards.py SRC OUT [--workers N] [--shard-samples 1024] [--quality 90] ...
 
-SRC is any of the layouts of ../shared/DESIGN.md (class folders, Kaggle CLS-LOC,
+SRC is any of the layouts of docs/DESIGN.md (class folders, Kaggle CLS-LOC,
 or the original ILSVRC2012_img_{train,val}.tar + devkit, read in place). Each image
 is decoded, its shorter side resized to --size, the central square cropped (as in
 the paper, section 2), and re-encoded as an RGB baseline JPEG. Train samples are

@@ -1,0 +1,166 @@
+"""Mutation testing: small deliberate bugs, each of which the fast tests must catch.
+
+    python -m tools.mutants              # every mutant; exit 1 if any survives
+    python -m tools.mutants --list       # the list, without running
+    python -m tools.mutants --only NAME [--only NAME2 ...]
+
+Each mutant replaces one exact piece of text in one file of a temporary copy of
+the repository (the tracked files and the built extension), then runs the tests
+named for it there, stopping at the first failure. A mutant is killed when a test
+fails, survives when they all pass: a survivor is a hole in the tests. The copy
+shadows the installed package, since Python puts the working directory first.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str          # must occur exactly once in the file
+    new: str
+    tests: tuple      # pytest node ids or files, run with -x
+
+
+M, T, P, S = "tests/test_model.py", "tests/test_train.py", "tests/test_pipeline.py", "tests/test_make_shards.py"
+MUTANTS = (
+    # the model
+    Mutant("LRN before ReLU", "model/alexnet.py",
+           "    x = F.relu(conv(x), inplace=True)\n    if name in lrn_after:\n        x = lrn(x)",
+           "    x = conv(x)\n    if name in lrn_after:\n        x = lrn(x)\n    x = F.relu(x)",
+           (f"{M}::test_forward_pass_is_the_papers_layer_order",)),
+    Mutant("no pool after conv5", "model/alexnet.py", 'POOL_AFTER = ("conv1", "conv2", "conv5")',
+           'POOL_AFTER = ("conv1", "conv2")', (M,)),
+    Mutant("dropout after fc7 dropped", "model/alexnet.py",
+           "        x = F.dropout(F.relu(self.fc7(x), inplace=True), p, self.training)",
+           "        x = F.relu(self.fc7(x), inplace=True)", (f"{M}::test_forward_pass_is_the_papers_layer_order",)),
+    Mutant("dropout also in eval mode", "model/alexnet.py",
+           "        x = F.dropout(F.relu(self.fc6(x), inplace=True), p, self.training)",
+           "        x = F.dropout(F.relu(self.fc6(x), inplace=True), p, True)",
+           (f"{M}::test_forward_pass_is_the_papers_layer_order",)),
+    Mutant("LRN across the halves", "model/alexnet.py",
+           "        return self.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)", "        return self.lrn(x)",
+           (f"{M}::test_forward_pass_is_the_papers_layer_order",)),
+    Mutant("LRN printed formula by default", "model/alexnet.py",
+           'lrn_convention: str = "alpha/n"  #', 'lrn_convention: str = "alpha"  #',
+           (f"{M}::test_lrn_follows_the_papers_formula",)),
+    Mutant("paper init without biases of 1", "model/alexnet.py",
+           '{"paper": 1.0, "caffe": CAFFE_BIAS, "kaiming": 0.0}', '{"paper": 0.0, "caffe": CAFFE_BIAS, "kaiming": 0.0}',
+           (f"{M}::test_paper_init",)),
+    # the trainer
+    Mutant("bias lr not doubled", "model/train.py", '{"params": biases, "lr_mult": recipe.bias_lr_mult,',
+           '{"params": biases, "lr_mult": 1.0,', (f"{M}::test_trainer_step_is_the_papers_update_rule",)),
+    Mutant("weight decay on biases", "model/train.py",
+           '"weight_decay": recipe.weight_decay if recipe.bias_decay else 0.0}',
+           '"weight_decay": recipe.weight_decay}', (f"{M}::test_trainer_step_is_the_papers_update_rule",)),
+    Mutant("momentum 0.95", "model/train.py", "lr=recipe.lr,\n                           momentum=recipe.momentum)",
+           "lr=recipe.lr,\n                           momentum=0.95)", (f"{M}::test_trainer_step_is_the_papers_update_rule",)),
+    Mutant("no momentum rescale at an lr change", "model/train.py",
+           "                torch._foreach_mul_(bufs, old / new)", "                pass",
+           (f"{M}::test_trainer_step_is_the_papers_update_rule",)),
+    Mutant("summed loss instead of the batch mean", "model/train.py",
+           "        loss = F.cross_entropy(net(images), labels)",
+           '        loss = F.cross_entropy(net(images), labels, reduction="sum")',
+           (f"{M}::test_trainer_step_is_the_papers_update_rule",)),
+    Mutant("plateau patience off by one", "model/train.py", "if since >= patience and divisions < max_divisions:",
+           "if since > patience and divisions < max_divisions:", (f"{M}::test_plateau_schedule",)),
+    # the evaluation
+    Mutant("ten crops average logits", "model/train.py",
+           "probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, n, -1).mean(1)",
+           "probs = F.softmax(model(images.flatten(0, 1)).float().view(b, n, -1).mean(1), 1)",
+           (f"{T}::test_evaluation_on_hand_built_logits",)),
+    Mutant("top-5 is top-1", "model/train.py", "top5 = probs.topk(min(5, probs.shape[1]), 1).indices",
+           "top5 = probs.topk(1, 1).indices", (f"{T}::test_evaluation_on_hand_built_logits",)),
+    # augmentation and pixel values
+    Mutant("lighting times lambda", "pipeline/normalization.py",
+           "stdevs = np.sqrt(np.maximum(np.asarray(self.eigenvalues, np.float64), 0.0))",
+           "stdevs = np.asarray(self.eigenvalues, np.float64)",
+           (f"{P}::test_lighting_in_loader_output_is_0_1_sqrt_lambda_along_each_eigenvector",)),
+    Mutant("no 1/1.1 on lit batches", "pipeline/normalization.py",
+           "return shift, divisor / (self.train_scale if lit else 1.0)", "return shift, divisor",
+           (f"{P}::test_mean_only_normalization_is_the_default",)),
+    Mutant("wds loader never flips", "pipeline/wds.py", "flip = bool(p.flip[j]) and cfg.flip", "flip = False",
+           (f"{P}::test_train_batches_match_reference",)),
+    Mutant("crop offset rounded down", "pipeline/plan.py", "return int(np.floor(position * (size - crop) + 0.5))",
+           "return int(np.floor(position * (size - crop)))", (f"{P}::test_train_batches_match_reference",)),
+    Mutant("ranks share a sample", "pipeline/plan.py", "return rank * per, (rank + 1) * per",
+           "return rank * per, (rank + 1) * per + 1", (f"{P}::test_rank_orders_are_disjoint_exactly_once_and_reshuffled",)),
+    # the shard writer
+    Mutant("crop box shifted one pixel", "tools/make_shards.py",
+           "box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)",
+           "box = ((w - side) / 2 + 1, (h - side) / 2, (w + side) / 2 + 1, (h + side) / 2)",
+           (f"{S}::test_resize_and_centre_crop_geometry_on_a_gradient",)),
+)
+
+
+def copy_repo(dst: str) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    files = [f for f in files if os.path.exists(os.path.join(REPO, f))]
+    for f in files + [os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "tools", "*.so"))]:
+        os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
+        shutil.copy2(os.path.join(REPO, f), os.path.join(dst, f))
+
+
+def run_tests(root: str, tests: tuple) -> int:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True).returncode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", action="append", default=[], help="run only this mutant (by name); repeatable")
+    p.add_argument("--list", action="store_true", help="list the mutants and stop")
+    a = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not a.only or m.name in a.only]
+    if a.only and len(chosen) != len(set(a.only)):
+        p.error(f"unknown mutant among {a.only}; --list shows them")
+    if a.list:
+        for m in chosen:
+            print(f"{m.name:40s} {m.file:28s} {' '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mutants-") as root:
+        copy_repo(root)
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        print(f"{len(chosen)} mutants; first the unmutated copy on their {len(tests)} tests", flush=True)
+        if run_tests(root, tests) != 0:
+            print("mutants: the tests fail without any mutant; fix them first", file=sys.stderr)
+            return 2
+        survivors = []
+        for m in chosen:
+            path = os.path.join(root, m.file)
+            with open(path) as f:
+                original = f.read()
+            if original.count(m.old) != 1:
+                print(f"mutants: {m.file}: the text of mutant {m.name!r} occurs {original.count(m.old)} times "
+                      "(must be once); update the mutant", file=sys.stderr)
+                return 2
+            with open(path, "w") as f:
+                f.write(original.replace(m.old, m.new))
+            t0 = time.perf_counter()
+            rc = run_tests(root, m.tests)
+            with open(path, "w") as f:
+                f.write(original)
+            verdict = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else f"error (pytest exit {rc})")
+            if rc != 1:
+                survivors.append(m.name)
+            print(f"  {verdict:9s} {m.name:40s} {time.perf_counter() - t0:5.1f} s", flush=True)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed"
+          + (f"; not killed: {', '.join(survivors)}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

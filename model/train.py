@@ -631,7 +631,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 rate = window_images * run.world / (time.perf_counter() - t_window)
                 _log_window(run, epoch, lr, avg, rate, bar)
                 _check_stall(run, epoch, avg)
-                window_loss, window_n, window_images, t_window = torch.zeros((), device=run.device), 0, 0, time.perf_counter()
+                window_loss, window_n, window_images = torch.zeros((), device=run.device), 0, 0
+                t_window = time.perf_counter()
             if _checkpoint_due(run, last_ckpt):
                 guard.check()
                 save_checkpoint(run, epoch)

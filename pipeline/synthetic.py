@@ -1,6 +1,6 @@
 """A loader of fixed random batches with a real split's length and classes: no decoding at all.
 
-For measuring the trainer and the model without the pipeline (tools/bench.py train,
+For measuring the trainer and the model without the pipeline (tools/bench/train.py,
 tools/gpu_check.sh); `--backend synthetic` in the trainer. Not for learning anything.
 """
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """model/alexnet.py and the trainer's plain functions (CPU, seconds)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

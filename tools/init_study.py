@@ -75,7 +75,8 @@ def trace(shards: str, names: list[str], steps: int, batch_size: int, lr: float)
     """The first `steps` steps of each variant, with the trainer's own optimizer and step, and at each
     step: the loss, and on a fixed batch of val images in eval mode, the share of fc7 units that are
     zero for every image (dead), how much fc7's output depends on the image (std across images /
-    mean), and the logits' spread across images relative to their size. Shows where the signal goes when a variant stays at chance."""
+    mean), and the logits' spread across images relative to their size.
+    Shows where the signal goes when a variant stays at chance."""
     import torch
     import torch.nn.functional as F
 
@@ -195,7 +196,7 @@ def draw(runs: dict, num_classes: int, path: str) -> None:
     for name, r in runs.items():
         losses = r["losses"]
         k = 10  # a 10-step running mean: single steps are noisy at this batch size
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
         ax.plot(range(1, len(losses) + 1), smooth, label=name)
     ax.axhline(math.log(num_classes), color="grey", ls="--", lw=1, label=f"chance, ln {num_classes}")
     ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="AlexNet recipes: the start of training",

@@ -6,33 +6,36 @@ the A100/H100 hardware decoder) and every op after it runs on the GPU, so a batc
 reaches the trainer as a CUDA tensor without a host copy. Without a GPU the same
 graph runs with `device_id=None` on DALI's CPU threads.
 
-Reading is DALI's webdataset reader over the shards' tars, driven by index files
-written per epoch (plan.py's order for this rank: the reader reads the samples of
-a shard in exactly the order of its index file). The `.cls` ASCII labels are
-parsed inside the graph. The random crop, flip, lighting and normalisation are one
-fused crop_mirror_normalize: lighting adds the same RGB offset to every pixel of an
+The pipeline is built once per loader. Its input is an external source that feeds
+the encoded JPEG bytes of each batch in plan.py's order for this rank, sliced from
+the memory-mapped shards (no copy until DALI takes them), with their labels and the
+batch's random crop, flip and lighting parameters. The feed does not stop at the end
+of an epoch: the next epoch's order is known, so it runs on into it and the pipeline
+keeps its prefetched batches across the boundary (no cold start each epoch). The
+loader takes exactly its epoch's batches from it. Asked for any other position (a
+resume, a loop left midway and restarted elsewhere), it builds the pipeline anew there.
+The random crop, flip, lighting and normalisation are one fused
+crop_mirror_normalize: lighting adds the same RGB offset to every pixel of an
 image, so it folds into that image's mean: (x + light - shift) / divisor
 = (x - (shift - light)) / divisor (pipeline/normalization.py).
 """
 from __future__ import annotations
 
 import io
+import mmap
 import os
-import shutil
-import tempfile
+import weakref
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline import plan
 from pipeline.loader import LoaderConfig, ShardLoader
-from pipeline.shards import ShardError, index_text, iter_tar_samples
+from pipeline.shards import ShardError, iter_tar_samples
 
-CLS_DIGITS = 4  # .cls holds up to 4 ASCII digits (class indices below 10,000)
-DATA_OPS = ("fn.decoders.image", "fn.readers.webdataset")  # errors of these are about the data
+DATA_OPS = ("fn.decoders.image",)  # errors of these are about the data (read errors are ShardErrors already)
 
 
 def dali_reason(error: Exception) -> str:
@@ -43,26 +46,13 @@ def dali_reason(error: Exception) -> str:
     return lines[0] if lines else repr(error)
 
 
-def parse_ascii_int(cls):
-    """uint8 ASCII digits ('207') -> int64 207, inside the DALI graph (no Python per sample).
-
-    Pad to 4 digits with '0' at the end ('2070'), take the place values, then divide
-    by 10^(number of padding digits)."""
-    n = cls.shape(dtype=types.INT32)
-    digits = fn.cast(fn.pad(cls, fill_value=ord("0"), shape=[CLS_DIGITS]), dtype=types.INT32) - ord("0")
-    places = types.Constant(np.array([10 ** (CLS_DIGITS - 1 - i) for i in range(CLS_DIGITS)], np.int32))
-    value = fn.reductions.sum(digits * places, axes=[0])
-    scale = dmath.pow(types.Constant(10, dtype=types.INT32), CLS_DIGITS - fn.reshape(n, shape=[]))
-    return fn.cast(value // scale, dtype=types.INT64)
-
-
 @pipeline_def
-def shard_pipeline(paths, index_paths, params_source, gpu: bool, crop: str, shift, divisor, layout: str):
-    """paths/index_paths: one (tar, index file) per run. params_source(batch_info) -> per-sample
-    (crop_x, crop_y, mirror, mean) for crop="random". shift, divisor: [3] in 0-255 units."""
-    jpg, cls = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
-        random_shuffle=False, pad_last_batch=True, name="reader")
+def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str):
+    """feed() -> one batch: (encoded JPEGs, labels) and, for crop="random", (crop_x, crop_y, mirror,
+    mean) per sample. shift, divisor: [3] in 0-255 units."""
+    random = crop == "random"
+    outputs = fn.external_source(source=feed, num_outputs=6 if random else 2, batch=True)
+    jpg, labels = outputs[0], outputs[1]
     if gpu:
         # Memory hints for 256 px images, so nvJPEG never reallocates in the first epochs;
         # fancy upsampling decodes chroma as libjpeg-turbo does on the CPU (same pixels as the tests).
@@ -72,11 +62,9 @@ def shard_pipeline(paths, index_paths, params_source, gpu: bool, crop: str, shif
                                    jpeg_fancy_upsampling=True)
     else:
         images = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
-    labels = parse_ascii_int(cls)
     cmn = dict(crop=(plan.CROP, plan.CROP), dtype=types.FLOAT, output_layout=layout)
-    if crop == "random":
-        crop_x, crop_y, mirror, mean = fn.external_source(source=params_source, num_outputs=4, batch=True,
-                                                          batch_info=True)
+    if random:
+        crop_x, crop_y, mirror, mean = outputs[2:]
         out = fn.crop_mirror_normalize(images, crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
                                        mean=mean, std=divisor, **cmn)
     elif crop == "center":
@@ -98,60 +86,87 @@ class DaliLoader(ShardLoader):
             raise RuntimeError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
         self.device_id = (self.device.index or 0) if self.gpu else None
         self.threads = cfg.num_threads or min(os.cpu_count() or 1, 8 if self.gpu else 64)
-        self._tmp = tempfile.mkdtemp(prefix="dali-idx-")
         # Batches with lighting also take the recipe's training scale (normalization.py).
         self.shift, self.divisor = self.norm.shift_divisor(lit=cfg.lighting)
+        self._maps: dict[int, mmap.mmap] = {}     # shard -> its bytes, mapped on first use
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> this rank's order (the last two epochs)
+        self._it = None                           # the pipeline's iterator
+        self._next_feed = (0, 0)                  # (epoch, batch) the feed serves next
+        self._next_out = None                     # (epoch, batch) the iterator yields next
 
-    def __del__(self):
-        shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+    def _shard_bytes(self, shard: int) -> mmap.mmap:
+        if shard not in self._maps:
+            path = self.shards[shard]["path"]
+            try:
+                with open(path, "rb") as f:
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise ShardError(f"{path}: cannot read ({e})") from None
+        return self._maps[shard]
 
-    def _write_indices(self, epoch: int, order: np.ndarray) -> tuple[list[str], list[str]]:
-        """One index file per run of the order: DALI reads each tar's samples in that order."""
-        for f in os.listdir(self._tmp):
-            os.remove(os.path.join(self._tmp, f))
-        paths, index_paths = [], []
-        for j, run in enumerate(plan.runs(order)):
-            path = os.path.join(self._tmp, f"e{epoch}-{j:06d}.idx")
-            entries = self.entries[run.shard]
-            with open(path, "w") as f:
-                f.write(index_text([entries[i] for i in run.samples]))
-            paths.append(self.shards[run.shard]["path"])
-            index_paths.append(path)
-        return paths, index_paths
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self._order(epoch)
+        return self._orders[epoch]
 
-    def _params_source(self, epoch: int, start: int):
-        def source(info):
-            p = self.params(epoch, start + info.iteration)
-            means = (self.shift - self.lighting_offsets(p)).astype(np.float32)  # lighting folded in
-            flips = p.flip if self.cfg.flip else np.zeros_like(p.flip)
-            return list(p.crop_x), list(p.crop_y), list(flips), list(means)
-        return source
+    def _feed(self):
+        """The batch at self._next_feed in the plan's order; then on to the next, into the next epoch."""
+        epoch, k = self._next_feed
+        bs = self.cfg.batch_size
+        pairs = self._epoch_order(epoch)[k * bs:(k + 1) * bs]
+        self._next_feed = (epoch, k + 1) if k + 1 < len(self) else (epoch + 1, 0)
+        jpgs, labels = [], []
+        for s, i in pairs:
+            entry, data = self.entries[s][i], self._shard_bytes(s)
+            (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
+            jpgs.append(np.frombuffer(data, np.uint8, size, off))  # a view; DALI copies it
+            try:
+                labels.append(int(data[coff:coff + csize]))
+            except ValueError:
+                raise ShardError(f"{self.shards[s]['path']}: sample {entry.key}: .cls is not a class index "
+                                 f"({bytes(data[coff:coff + csize])[:20]!r})") from None
+        labels = np.array(labels, np.int64)
+        if self.cfg.crop != "random":
+            return jpgs, labels
+        n = len(pairs)
+        p = self.params(epoch, k)
+        means = (self.shift - self.lighting_offsets(p)[:n]).astype(np.float32)  # lighting folded in
+        flips = p.flip[:n] if self.cfg.flip else np.zeros(n, np.int32)
+        return jpgs, labels, list(p.crop_x[:n]), list(p.crop_y[:n]), list(flips), list(means)
+
+    def _build(self, epoch: int, start: int):
+        c = self.cfg
+        self._layout = "HWC" if (c.channels_last and c.crop != "ten") else "CHW"
+        self._it = None  # the old pipeline (if any) goes before the new one takes threads and memory
+        self._next_feed = self._next_out = (epoch, start)  # the iterator prefetches as it is made
+        loader = weakref.ref(self)  # no cycle loader -> pipeline -> feed -> loader: dropping the loader frees
+        #                             the pipeline at once (a pipeline left to the garbage collector can be
+        #                             destroyed inside a forked DataLoader worker, which crashes it)
+        pipe = shard_pipeline(lambda: loader()._feed(), self.gpu, c.crop, self.shift.tolist(), self.divisor.tolist(),
+                              self._layout, batch_size=c.batch_size, num_threads=self.threads,
+                              device_id=self.device_id, seed=c.seed, prefetch_queue_depth=2)
+        pipe.build()
+        self._it = DALIGenericIterator([pipe], ["images", "labels"])
 
     def _epoch_batches(self, epoch: int, start: int, order: np.ndarray):
         if len(order) == 0:
             return
-        c = self.cfg
-        paths, index_paths = self._write_indices(epoch, order)
-        layout = "HWC" if (c.channels_last and c.crop != "ten") else "CHW"
-        pipe = shard_pipeline(paths, index_paths, self._params_source(epoch, start), self.gpu, c.crop,
-                              self.shift.tolist(), self.divisor.tolist(), layout, batch_size=c.batch_size,
-                              num_threads=self.threads, device_id=self.device_id,
-                              seed=c.seed, prefetch_queue_depth=2)
         try:
-            pipe.build()
-            it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-            for out in it:
+            if self._it is None or self._next_out != (epoch, start):
+                self._build(epoch, start)
+            for k in range(start, len(self)):
+                out = next(self._it)
+                self._next_out = (epoch, k + 1) if k + 1 < len(self) else (epoch + 1, 0)
                 images, labels = out[0]["images"], out[0]["labels"].view(-1)
-                if layout == "HWC":
+                if self._layout == "HWC":
                     images = self.channels(images)
                 yield images, labels
         except RuntimeError as e:
+            self._it = None  # a failed pipeline is not reused
             if not any(op in str(e) for op in DATA_OPS):
-                raise  # not the data (CUDA out of memory, say): no hour-long rescan, no blame on the shards
+                raise  # not the data (CUDA out of memory, say): no rescan, no blame on the shards
             raise ShardError(self._diagnose(order, e)) from None
-        finally:
-            del pipe
 
     def _diagnose(self, order: np.ndarray, error: Exception) -> str:
         """DALI's errors name neither shard nor key: find the first bad sample of this epoch's

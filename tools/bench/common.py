@@ -12,6 +12,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
 def _line(name: str, rate: float, unit: str = "img/s", extra: str = "") -> None:
     print(f"  {name:44s} {rate:10.1f} {unit}{extra}", flush=True)
 
@@ -31,7 +32,6 @@ def _shards(tmp: str, images: int) -> str:
     if not os.path.exists(os.path.join(out, "dataset.json")):
         assert _quiet(make_shards.main, [_source(tmp, images), out, "--shard-samples", "256"]) == 0
     return out
-
 
 
 ROUNDS = 9  # paired rounds for the ratios with a goal: enough that the median rides out this machine's drift
@@ -89,7 +89,6 @@ def _quiet(fn, *args):
             sys.stdout, sys.stderr = old_out, old_err
 
 
-
 def _epoch_rate(loader) -> float:
     t0 = time.perf_counter()
     n = sum(len(y) for _, y in loader)
@@ -107,7 +106,6 @@ def _epoch_timing(loader) -> tuple[float, float]:
     return n / max(time.perf_counter() - t1, 1e-9), t1 - t0
 
 
-
 def _trainer_rate(out: str, run: str, backend: str, batch: int, device: str = "cpu", epochs: int = 1) -> float:
     """model.train's images/s over its training loop alone (not evaluation), in its last epoch."""
     from model import train
@@ -116,7 +114,6 @@ def _trainer_rate(out: str, run: str, backend: str, batch: int, device: str = "c
                                "--log-every", "1000"]) == 0
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f][-1]["images_per_s"]
-
 
 
 def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | None = None) -> float:

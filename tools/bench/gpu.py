@@ -12,6 +12,7 @@ import time
 from tools.bench.common import (_epoch_rate, _epoch_timing, _line, _model_rate, _quiet, _shards,
                                 _trainer_rate)
 
+
 def alexnet_train_flops(num_classes: int = 1000) -> float:
     """FLOPs of one training image: 3x the forward pass (backward = 2x forward), multiply-adds as 2."""
     fwd, hw = 0, {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}
@@ -141,7 +142,6 @@ def _recipe_study(tmp: str, dev: str, dry: bool, a) -> dict:
               f"val top-1 error {100 * r['val_top1_error'][-1]:.1f}% after {len(r['val_top1_error'])} epochs")
     print(f"   ({time.perf_counter() - t0:.0f} s; chance: loss {math.log(classes):.3f})")
     return {"setup": study["setup"], "runs": summary, "seconds": time.perf_counter() - t0}
-
 
 
 def _halves_diff(devices) -> float:

@@ -6,6 +6,7 @@ import tempfile
 
 from tools.bench.common import ROUNDS, _interleaved, _line, _shards
 
+
 def _decode_shard(path: str) -> int:
     """The limit for compute_pca: read a shard and decode every JPEG into pixels in memory.
 

@@ -1,30 +1,123 @@
-"""The DALI loader against the webdataset + pillow-simd loader on the same shards."""
+"""Our training pipeline against what a user would pick instead, on the same images and cores.
+
+  - our DALI loader (exact per-epoch order, lighting, resumable), built once per loader;
+  - (a) a plain DALI pipeline on the same shards: webdataset reader with its own shuffle, random
+    crop, flip, normalize (no lighting, no exact order): the limit, goal ours >= 0.95x;
+  - (b) the torchvision way: ImageFolder over the original JPEGs, Resize(256), RandomCrop(224),
+    RandomHorizontalFlip, ToTensor, Normalize in a DataLoader with all cores: goal ours >= 4x.
+    Re-created line for line in plain PIL and NumPy, because PyPI's torchvision does not import
+    beside this machine's CPU build of torch; it runs with our pillow-simd, which favours it;
+  - our webdataset + pillow-simd loader (the portable fallback).
+Rates are whole epochs (start-up included) and interleaved; each loader's first-batch latency
+is printed apart.
+"""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 
-from tools.bench.common import _epoch_rate, _line, _quiet, _shards
+import numpy as np
+
+from tools.bench.common import _epoch_rate, _epoch_timing, _line, _quiet, _shards, _source
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet values, for (b)
+
+
+class PlainDali:
+    """(a): DALI's own reader over the shards and their .idx files, built once."""
+
+    def __init__(self, shards: str, batch: int, threads: int):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        paths = sorted(glob.glob(os.path.join(shards, "train-*.tar")))
+
+        @pipeline_def
+        def plain():
+            jpg, cls = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths],
+                                             ext=["jpg", "cls"], random_shuffle=True, initial_fill=1024,
+                                             name="reader")
+            images = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+            out = fn.crop_mirror_normalize(images, crop=(224, 224), crop_pos_x=fn.random.uniform(range=(0, 1)),
+                                           crop_pos_y=fn.random.uniform(range=(0, 1)),
+                                           mirror=fn.random.coin_flip(), dtype=types.FLOAT,
+                                           mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+            return out, fn.pad(cls, fill_value=0, shape=[4])
+
+        pipe = plain(batch_size=batch, num_threads=threads, device_id=None, seed=0, prefetch_queue_depth=2)
+        pipe.build()
+        self.it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
+                                      last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def __iter__(self):
+        for out in self.it:
+            yield out[0]["images"], out[0]["labels"]
+
+
+class FolderDataset:
+    """(b): torchvision's ImageFolder + Resize(256) + RandomCrop(224) + RandomHorizontalFlip + ToTensor
+    + Normalize, written out in PIL and NumPy."""
+
+    def __init__(self, root: str):
+        classes = sorted(os.listdir(os.path.join(root, "train")))
+        self.items = [(path, c) for c, wnid in enumerate(classes)
+                      for path in sorted(glob.glob(os.path.join(root, "train", wnid, "*.JPEG")))]
+        self.mean = np.array(MEAN, np.float32)[:, None, None]
+        self.std = np.array(STD, np.float32)[:, None, None]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+        path, label = self.items[i]
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")                       # ImageFolder's loader
+        w, h = img.size                                              # Resize(256): shorter side, bilinear
+        short, long = (w, h) if w <= h else (h, w)
+        size = (256, int(256 * long / short)) if w <= h else (int(256 * long / short), 256)
+        img = img.resize(size, Image.BILINEAR)
+        x0 = int(torch.randint(0, size[0] - 224 + 1, ()))            # RandomCrop(224)
+        y0 = int(torch.randint(0, size[1] - 224 + 1, ()))
+        img = img.crop((x0, y0, x0 + 224, y0 + 224))
+        if torch.rand(()) < 0.5:                                      # RandomHorizontalFlip
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = np.asarray(img, np.float32).transpose(2, 0, 1) / 255     # ToTensor
+        return torch.from_numpy((x - self.mean) / self.std), label   # Normalize
+
 
 def bench_pipeline(a) -> dict:
+    import torch
     from pipeline import make_loader
     from tools import compute_pca
     images, batch = a.images or 2048, a.batch or 128
     cores = os.cpu_count()
     print(f"training pipeline (random crop, flip, lighting, normalize): {images} images of 256x256, "
-          f"batch {batch}, {cores} cores, one epoch each, best of 2 (interleaved)")
-    res = {}
+          f"batch {batch}, {cores} cores, one epoch each, best of 3 (interleaved)")
     with tempfile.TemporaryDirectory() as tmp:
         out = _shards(tmp, images)
         _quiet(compute_pca.main, [out, "--quiet"])
-        loaders = {b: make_loader(out, "train", batch_size=batch, backend=b, num_threads=cores)
-                   for b in ("wds", "dali")}
-        best = {b: 0.0 for b in loaders}
-        for _ in range(2):
-            for b, loader in loaders.items():
-                best[b] = max(best[b], _epoch_rate(loader))
-    res = {"wds": best["wds"], "dali_cpu": best["dali"]}
-    _line("webdataset + pillow-simd + DataLoader (baseline)", res["wds"])
-    _line("DALI on the CPU", res["dali_cpu"])
-    print(f"  ratio DALI CPU / webdataset loader:       {res['dali_cpu'] / res['wds']:.2f}x  (goal >= 2.5)")
-    return res
+        folder = torch.utils.data.DataLoader(FolderDataset(_source(tmp, images)), batch_size=batch, shuffle=True,
+                                             num_workers=cores)
+        loaders = {"ours": make_loader(out, "train", batch_size=batch, backend="dali", num_threads=cores),
+                   "plain": PlainDali(out, batch, cores), "folder": folder,
+                   "wds": make_loader(out, "train", batch_size=batch, backend="wds", num_threads=cores)}
+        best = {k: 0.0 for k in loaders}
+        first = {k: float("inf") for k in loaders}
+        for _ in range(3):
+            for k, loader in loaders.items():
+                best[k] = max(best[k], _epoch_rate(loader))
+        for k in ("ours", "plain"):
+            first[k] = min(_epoch_timing(loaders[k])[1] for _ in range(2))
+    _line("ours: DALI on the CPU (exact order, lighting)", best["ours"],
+          extra=f"  first batch {1000 * first['ours']:.0f} ms")
+    _line("(a) plain DALI pipeline, reader shuffle", best["plain"],
+          extra=f"  first batch {1000 * first['plain']:.0f} ms")
+    _line("(b) ImageFolder + transforms, DataLoader", best["folder"])
+    _line("webdataset + pillow-simd + DataLoader", best["wds"])
+    print(f"  ours / (a) plain DALI:                    {best['ours'] / best['plain']:.2f}x  (goal >= 0.95)")
+    print(f"  ours / (b) the torchvision way:           {best['ours'] / best['folder']:.2f}x  (goal >= 4)")
+    print(f"  ours / webdataset loader:                 {best['ours'] / best['wds']:.2f}x  (goal >= 2.5)")
+    return {"dali_cpu": best["ours"], "plain_dali": best["plain"], "folder": best["folder"], "wds": best["wds"],
+            "first_batch_s": first["ours"], "plain_first_batch_s": first["plain"]}

@@ -8,6 +8,7 @@ import time
 
 from tools.bench.common import REPO, ROUNDS, _interleaved, _line, _quiet, _source
 
+
 def naive_loop(src: str, draft: bool = True) -> tuple[int, float]:
     """The baseline: one process, a plain loop doing make_shards' per-image work."""
     from tools.imagenet_source import open_source
@@ -19,6 +20,24 @@ def naive_loop(src: str, draft: bool = True) -> tuple[int, float]:
         process_image(s.read(), opts)
     return len(samples), time.perf_counter() - t0
 
+
+def shardwriter_loop(src: str, out: str, shard_samples: int) -> None:
+    """(c) what a user would write instead: a plain loop into webdataset's own ShardWriter, with
+    the same per-image work (decode, resize, centre crop, re-encode) and the same shard size.
+    Not deterministic across runs the way make_shards is (no global shuffle, no fixed mtimes)."""
+    import json
+
+    import webdataset as wds
+    from tools.imagenet_source import open_source
+    from tools.make_shards import ShardOptions, process_image
+    opts = ShardOptions()
+    source = open_source(src, ("train",))
+    os.makedirs(out)
+    with wds.ShardWriter(os.path.join(out, "train-%06d.tar"), maxcount=shard_samples, verbose=0) as sink:
+        for s in source.splits["train"]:
+            jpg, orig = process_image(s.read(), opts)
+            sink.write({"__key__": s.key, "jpg": jpg, "cls": str(source.label(s.wnid)).encode(),
+                        "json": json.dumps({"wnid": s.wnid, "source": s.source, "orig_size": orig}).encode()})
 
 
 def _naive_part(src: str, part: int, parts: int) -> None:
@@ -63,11 +82,16 @@ def bench_shards(a) -> dict:
                                                  "--shard-samples", str(max(1, n // 16))]) == 0
             return run
 
+        def shardwriter():
+            runs_made.append(f"{out}-{len(runs_made)}")
+            shardwriter_loop(src, runs_made[-1], max(1, n // 16))
+
         # In this order every compared pair runs back to back within a round (drift cancels best).
         contenders = {
             "naive_no_draft": ("naive loop without JPEG draft mode", lambda: naive_loop(src, draft=False)),
             "naive": ("naive loop, 1 process (baseline)", lambda: naive_loop(src)),
             "workers1": ("make_shards --workers 1 (whole command)", shards_cmd(1)),
+            "shardwriter": ("(c) webdataset ShardWriter, plain loop", shardwriter),
             "workers2": ("make_shards --workers 2 (whole command)", shards_cmd(2)),
             "bare2": ("ceiling: naive loop over 2 bare processes", lambda: _bare_processes(src, 2)),
         }
@@ -88,6 +112,8 @@ def bench_shards(a) -> dict:
     print(f"  ratio make_shards 1 worker / naive loop:  {res['ratio:workers1/naive']:.2f}x  (goal >= 0.9; "
           f"range {res['range:workers1/naive']})")
     print(f"  same in CPU seconds per image:            {res['cpu_ratio:workers1/naive']:.2f}x")
+    print(f"  ratio make_shards 1 worker / ShardWriter: {res['ratio:workers1/shardwriter']:.2f}x  (goal >= 1.0; "
+          f"range {res['range:workers1/shardwriter']}; only make_shards is deterministic)")
     print(f"  ratio 2 workers / 1 worker:               {res['ratio:workers2/workers1']:.2f}x  (goal >= 1.8; "
           f"range {res['range:workers2/workers1']})")
     print(f"  ratio 2 workers / 2 bare processes:       {res['ratio:workers2/bare2']:.2f}x  "

@@ -6,6 +6,7 @@ import tempfile
 
 from tools.bench.common import _line, _model_rate, _quiet, _shards, _trainer_rate
 
+
 def bench_train(a) -> dict:
     import shutil
     from tools import compute_pca

@@ -116,9 +116,18 @@ class AlexNet(nn.Module):
 
     def half_lrn(self, x: torch.Tensor) -> torch.Tensor:
         """LRN within each half: on the paper's GPUs the 'adjacent kernel maps' of the sum are
-        the same GPU's, so the halves are folded into the batch and never normalise each other."""
+        the same GPU's, so the halves never normalise each other. NCHW: the halves are folded
+        into the batch for PyTorch's LRN. Channels-last: the same sum over a view of the NHWC
+        memory, which a fold into the batch would copy to NCHW and back (two transposes)."""
         n, c, h, w = x.shape
-        return self.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)
+        if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+            return self.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)
+        lrn = self.lrn
+        v = x.permute(0, 2, 3, 1).view(n, h, w, 2, c // 2)  # NHWC memory as it lies: no copy
+        sq = F.pad(v * v, (lrn.size // 2, (lrn.size - 1) // 2))
+        window = sq.unfold(-1, lrn.size, 1).sum(-1)  # sum of squares of the `size` neighbours in the half
+        out = v / (lrn.k + lrn.alpha / lrn.size * window) ** lrn.beta  # PyTorch's LRN: alpha times the mean
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         for name, *_ in CONVS:

@@ -243,3 +243,20 @@ def test_forward_pass_is_the_papers_layer_order(layout, mode, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected, rtol=1e-9, atol=1e-9)
     assert len(drawn) == ((2 if layout == "grouped" else 4) if mode == "train" else 0)
+
+
+def test_lrn_in_channels_last_memory_is_the_same_and_stays_channels_last():
+    """The channels-last LRN path (no copy to NCHW) against the hand-written LRN within halves."""
+    torch.manual_seed(8)
+    model = AlexNet(num_classes=5).double()
+    a = torch.randn(2, 96, 9, 9, dtype=torch.float64) * 30
+    nhwc = a.contiguous(memory_format=torch.channels_last)
+    out = model.half_lrn(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, _lrn_by_hand(a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.half_lrn(a), _lrn_by_hand(a), rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last)), model(x), rtol=1e-9, atol=1e-9)

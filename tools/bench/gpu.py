@@ -85,6 +85,11 @@ def bench_gpu(a) -> dict:
             _line(f"   {'torch.compile' if compiled else 'eager'} bf16 channels-last", rate,
                   extra=f"  ({100 * rate * flops / peak:.1f}% of {a.peak_tflops:.0f} TFLOP/s)" if not dry else "")
 
+        report["lrn_channels_last"] = _lrn_times(dev, batch)
+        lt = report["lrn_channels_last"]
+        print(f"   LRN after conv1, channels-last, fwd+bwd: NHWC view {1e3 * lt['nhwc_view_s']:.2f} ms, "
+              f"fold into the batch (copies) {1e3 * lt['fold_s']:.2f} ms: {lt['fold_s'] / lt['nhwc_view_s']:.2f}x")
+
         # 3. end to end: the trainer with DALI, with synthetic batches, with the webdataset loader
         print("3. model.train end to end (images/s of the training loop, second epoch)")
         for backend in ("synthetic", "dali", "wds"):
@@ -142,6 +147,34 @@ def _recipe_study(tmp: str, dev: str, dry: bool, a) -> dict:
               f"val top-1 error {100 * r['val_top1_error'][-1]:.1f}% after {len(r['val_top1_error'])} epochs")
     print(f"   ({time.perf_counter() - t0:.0f} s; chance: loss {math.log(classes):.3f})")
     return {"setup": study["setup"], "runs": summary, "seconds": time.perf_counter() - t0}
+
+
+def _lrn_times(dev: str, batch: int, reps: int = 10) -> dict:
+    """Seconds of conv1's LRN (fwd+bwd, bf16 on a GPU) on channels-last activations: the model's NHWC
+    path against folding the halves into the batch, which copies to NCHW and back."""
+    import torch
+    from model.alexnet import AlexNet
+    model = AlexNet(num_classes=10).to(dev)
+    dtype = torch.bfloat16 if dev != "cpu" else torch.float32
+    x0 = torch.randn(batch, 96, 55, 55, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    def fold(x):
+        n, c, h, w = x.shape
+        return model.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)
+
+    def timed(f):
+        best = float("inf")
+        for _ in range(reps):
+            x = x0.clone().requires_grad_(True)
+            if dev != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f(x).float().sum().backward()
+            if dev != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    return {"nhwc_view_s": timed(model.half_lrn), "fold_s": timed(fold)}
 
 
 def _halves_diff(devices) -> float:

@@ -403,3 +403,33 @@ def test_show_batch_tiles_are_the_batch_as_the_model_sees_it(shards, decoded, tm
     assert show_batch.main([no_pca, str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pca.json: missing" in err[0] and not os.path.exists(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ten_crops_and_centre_crop_of_a_coordinate_image(tmp_path, backend):
+    """One 256 x 256 image whose red channel is x and green is y (0-255), through make_shards (q95)
+    and the loader: each crop's corner pixels name where the crop was taken, and the mirrored
+    crops read x from right to left. Positions by hand: corners at 0 and 32, centre at 16."""
+    from tools import compute_pca, make_shards
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        (src / split / "n00000001").mkdir(parents=True)
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = Image.fromarray(np.stack([xx, yy, np.full_like(xx, 128)], -1).astype(np.uint8))
+    img.save(src / "train" / "n00000001" / "n00000001_1.JPEG", "PNG")  # a PNG named .JPEG, as ImageNet has
+    img.save(src / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG", "PNG")
+    out = str(tmp_path / "shards")
+    assert make_shards.main([str(src), out, "--quality", "95", "--workers", "1"]) == 0
+    assert compute_pca.main([out, "--quiet"]) == 0
+    for crop, positions in (("ten", [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]), ("center", [(16, 16)])):
+        x, _ = next(iter(make_loader(out, "val", batch_size=1, crop=crop, normalize=False, backend=backend,
+                                     num_threads=1)))
+        crops = x[0].numpy() if crop == "ten" else x.numpy()
+        assert len(crops) == (10 if crop == "ten" else 1)
+        for k, c in enumerate(crops):
+            left, top = positions[k % 5]
+            mirrored = k >= 5
+            red, green = c[0], c[1]
+            first_col, last_col = (left + 223, left) if mirrored else (left, left + 223)
+            assert abs(red[:, 0].mean() - first_col) < 3 and abs(red[:, -1].mean() - last_col) < 3, (crop, k)
+            assert abs(green[0].mean() - top) < 3 and abs(green[-1].mean() - (top + 223)) < 3, (crop, k)

@@ -305,3 +305,19 @@ def test_evaluation_on_hand_built_logits(crops):
     assert result["val_top5_error"] == pytest.approx(expect_top5, abs=1e-12)
     assert result["val_loss"] == pytest.approx(expect_loss, rel=1e-5)
     assert 0 < expect_top5 < expect_top1 < 1  # the case is not degenerate: both errors are informative
+
+
+def test_rng_restore_from_a_machine_with_more_gpus(monkeypatch):
+    """A checkpoint holds one CUDA generator state per GPU of the machine that wrote it; restoring on a
+    machine with fewer restores the GPUs both have (torch.cuda.set_rng_state_all raised IndexError)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: (_ for _ in ()).throw(IndexError()))
+    cpu = torch.get_rng_state()
+    train.set_rng_state({"torch": cpu, "cuda": [torch.tensor([1], dtype=torch.uint8)] * 8})
+    assert [d for d, _ in restored] == [0]
+    restored.clear()
+    train.set_rng_state({"torch": cpu})  # a checkpoint from a CPU-only machine
+    assert restored == []

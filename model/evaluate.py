@@ -18,7 +18,7 @@ import sys
 import torch
 
 from model.alexnet import AlexNetConfig, build, load_canonical
-from model.train import UsageError, evaluate, parse_devices, summarize
+from model.train import UsageError, evaluate, load_checkpoint, parse_devices, summarize
 from pipeline import make_loader
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError
@@ -28,8 +28,8 @@ def load_model(path: str, device: str):
     """(model in eval mode on `device`, checkpoint dict); UsageError on a file that is no checkpoint."""
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such checkpoint")
+    ckpt = load_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model_cfg = AlexNetConfig(**ckpt["model_config"])
         ckpt["normalization"] = Normalization.from_dict(ckpt["normalization"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer

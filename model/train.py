@@ -187,7 +187,44 @@ def dataset_id(shards: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _tensors(obj, prefix: str = ""):
+    """(path, tensor) of every tensor in a nested dict/list, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def checkpoint_digest(ckpt: dict) -> str:
+    """sha256 over every tensor's name, shape, dtype and bytes (the weights, the momentum, the RNG
+    states): flipped bytes in a checkpoint file are found before they are trained on."""
+    h = hashlib.sha256()
+    for name, t in _tensors({k: v for k, v in ckpt.items() if k != "digest"}):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, its digest verified; UsageError (one line) on anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        digest = ckpt["digest"]
+    except Exception as e:  # noqa: BLE001 - an unreadable or foreign file gets the same one-line answer
+        raise UsageError(f"{path}: not a readable checkpoint of model.train ({type(e).__name__}: {e})") from None
+    if checkpoint_digest(ckpt) != digest:
+        raise UsageError(f"{path}: corrupt: its tensors do not match the checksum stored with them")
+    return ckpt
+
+
 def save_atomic(obj, path: str) -> None:
+    """Written to a temporary name and renamed: a crash or a full disk leaves the old file whole
+    and no temporary file behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(obj, tmp)
@@ -384,6 +421,7 @@ class Run:
     tb: object = None
     stall_checked: bool = False
     saved_step: int | None = None   # the step of the checkpoint on disk, if any
+    lock: str | None = None         # OUT/.lock, held by rank 0 while it runs
 
     @property
     def main(self) -> bool:
@@ -410,11 +448,8 @@ def _load_checkpoint(cfg: TrainConfig, recipe: Recipe, ckpt_path: str, dataset: 
         return None
     if not cfg.resume:
         raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved_recipe, saved_name = checkpoint["recipe"], checkpoint["recipe_name"]
-    except Exception as e:  # noqa: BLE001 - an unreadable or foreign file gets the same one-line answer
-        raise UsageError(f"{ckpt_path}: not a checkpoint of this trainer ({type(e).__name__}: {e})") from None
+    checkpoint = load_checkpoint(ckpt_path)
+    saved_recipe, saved_name = checkpoint["recipe"], checkpoint["recipe_name"]
     differ = sorted(k for k, v in asdict(recipe).items()
                     if k not in RESUME_MAY_CHANGE_RECIPE and saved_recipe.get(k) != v)
     differ += ["recipe"] * (saved_name != cfg.recipe) + ["seed"] * (checkpoint["config"]["seed"] != cfg.seed)
@@ -506,6 +541,7 @@ def setup(cfg: TrainConfig) -> Run:
     if run.main:
         try:
             os.makedirs(cfg.out, exist_ok=True)
+            run.lock = acquire_lock(cfg.out)
             _write_config(run)
         except OSError as e:
             raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
@@ -523,6 +559,38 @@ def setup(cfg: TrainConfig) -> Run:
               f"train images/epoch, batch {recipe.batch_size}, lr {recipe.lr} ({recipe.schedule}), "
               f"loader {type(train_loader).__name__} -> {cfg.out}", flush=True)
     return run
+
+
+def acquire_lock(out: str) -> str:
+    """OUT/.lock, created exclusively, holding this process's pid: a second live run into the same
+    OUT is refused; the lock of a run that died (its pid is gone) is taken over, with a message."""
+    path = os.path.join(out, ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = -1  # unreadable: its writer died while writing it
+            if pid > 0 and pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                    raise UsageError(f"{out}: in use by another run (pid {pid}, {path}); wait for it or "
+                                     "choose another --out")
+                except ProcessLookupError:
+                    pass
+                except PermissionError:  # alive, another user's
+                    raise UsageError(f"{out}: in use by another run (pid {pid}, {path})") from None
+            print(f"train: {path}: taking over the lock of pid {pid}, which is no longer running",
+                  file=sys.stderr, flush=True)
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return path
+    raise UsageError(f"{path}: cannot take the lock")
 
 
 def _write_config(run: Run) -> None:
@@ -552,7 +620,7 @@ def save_checkpoint(run: Run, epoch: int) -> None:
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise Diverged(f"the weights are not finite at step {run.step}")
     manifest = run.train_loader.manifest
-    save_atomic({"model": state, "optimizer": optimizer_state(run.optimizer, run.model),
+    ckpt = {"model": state, "optimizer": optimizer_state(run.optimizer, run.model),
                  "scheduler": {"val_errors": run.val_errors}, "epoch": epoch, "step": run.step,
                  "loader": run.train_loader.state_dict(), "rng": rngs, "config": asdict(run.cfg),
                  "recipe_name": run.cfg.recipe, "recipe": asdict(run.recipe),
@@ -560,7 +628,9 @@ def save_checkpoint(run: Run, epoch: int) -> None:
                  "classes": [c["name"] for c in manifest["classes"]],
                  "wnids": [c["wnid"] for c in manifest["classes"]],
                  "normalization": run.norm.as_dict(), "dataset": run.dataset, "stall_checked": run.stall_checked,
-                 "shards": os.path.abspath(run.cfg.shards)}, run.ckpt_path)
+                 "shards": os.path.abspath(run.cfg.shards)}
+    ckpt["digest"] = checkpoint_digest(ckpt)
+    save_atomic(ckpt, run.ckpt_path)
     run.saved_step = run.step
 
 
@@ -689,6 +759,8 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if run.world > 1:
             torch.distributed.destroy_process_group()
+        if run.lock and os.path.exists(run.lock):
+            os.remove(run.lock)
     return result
 
 

@@ -321,3 +321,43 @@ def test_rng_restore_from_a_machine_with_more_gpus(monkeypatch):
     restored.clear()
     train.set_rng_state({"torch": cpu})  # a checkpoint from a CPU-only machine
     assert restored == []
+
+
+def test_a_corrupted_checkpoint_is_refused_with_one_line(finished_run, tiny_shards, tmp_path, capsys):
+    """4 KB flipped in the middle of checkpoint.pt (inside the tensors' bytes): resume, evaluate and
+    predict refuse it, naming the file; before the checksum, it loaded and trained on garbage."""
+    out = str(tmp_path / "corrupt")
+    shutil.copytree(finished_run, out)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    with open(ckpt, "r+b") as f:
+        f.seek(os.path.getsize(ckpt) // 2)
+        block = f.read(4096)
+        f.seek(-4096, os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in block))
+    before = open(ckpt, "rb").read()
+    capsys.readouterr()
+    assert train.main(run_args(tiny_shards, out, "--epochs", "3", "--resume")) == 2
+    assert evaluate.main(["--checkpoint", ckpt, "--shards", "unused", "--devices", "cpu"]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and all(f"{ckpt}: corrupt" in e for e in errs), errs
+    assert open(ckpt, "rb").read() == before
+
+
+def test_a_second_live_run_into_the_same_out_is_refused_and_a_stale_lock_taken_over(tiny_shards, tmp_path,
+                                                                                    capsys):
+    out = str(tmp_path / "locked")
+    os.makedirs(out)
+    lock = os.path.join(out, ".lock")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        open(lock, "w").write(f"{sleeper.pid}\n")
+        assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (pid {sleeper.pid}" in err[0]
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 0  # that pid is gone now
+    assert f"taking over the lock of pid {sleeper.pid}" in capsys.readouterr().err
+    assert not os.path.exists(lock)  # released at the end

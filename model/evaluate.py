@@ -18,7 +18,7 @@ import sys
 import torch
 
 from model.alexnet import AlexNetConfig, build, load_canonical
-from model.train import UsageError, evaluate, load_checkpoint, parse_devices, summarize
+from model.train import UsageError, evaluate, load_checkpoint, parse_devices, percent, summarize
 from pipeline import make_loader
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError
@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the result to this JSON file")
     a = p.parse_args(argv)
     try:
+        if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+            raise UsageError(f"--json {a.json}: its directory does not exist")  # before, not after, the work
+        if a.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, not {a.batch_size}")
         device = parse_devices(a.devices)[0]
         model, ckpt = load_model(a.checkpoint, device)
         try:
@@ -66,16 +70,18 @@ def main(argv=None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     dev = torch.device(device)
-    result = summarize(evaluate(model, loader, dev, bf16=dev.type == "cuda"))
+    result = summarize(evaluate(model, loader, dev, bf16=dev.type == "cuda", progress=True), ckpt["num_classes"])
     result.update({"crop": "ten" if a.ten_crop else "center", "checkpoint": a.checkpoint,
                    "epoch": ckpt["epoch"], "step": ckpt["step"]})
     chance = 1 - 1 / len(loader.manifest["classes"])
     print(f"{a.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}), {result['crop']} crop, "
-          f"{result['val_samples']} val images: top-1 error {100 * result['val_top1_error']:.2f}%, "
-          f"top-5 error {100 * result['val_top5_error']:.2f}% (chance: {100 * chance:.1f}% top-1)")
+          f"{result['val_samples']} val images: top-1 error {percent(result['val_top1_error'])}, "
+          f"top-5 error {percent(result['val_top5_error'])} (chance: {100 * chance:.1f}% top-1)")
     if a.json:
-        with open(a.json, "w") as f:
+        tmp = f"{a.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(tmp, a.json)
     return 0
 
 

@@ -275,13 +275,14 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, loader, device, bf16: bool) -> torch.Tensor:
+def evaluate(model, loader, device, bf16: bool, progress: bool = False) -> torch.Tensor:
     """[loss sum, top-1 right, top-5 right, samples] over this rank's part of the split (the caller
     reduces). Ten crops: the softmax outputs of the crops are averaged (section 4.1)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right
     samples = 0  # counted on the host: no device sync per batch
-    for images, labels in loader:
+    for images, labels in tqdm(loader, total=len(loader), desc="evaluate", unit="batch", disable=not progress,
+                               dynamic_ncols=True, mininterval=1.0, file=sys.stderr):
         labels = labels.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             if images.dim() == 5:
@@ -298,10 +299,15 @@ def evaluate(model, loader, device, bf16: bool) -> torch.Tensor:
     return torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=device)])
 
 
-def summarize(sums: torch.Tensor) -> dict:
+def summarize(sums: torch.Tensor, num_classes: int) -> dict:
+    """Mean loss and errors. Top-5 error is None (n/a) with 5 classes or fewer, where it is 0 by construction."""
     loss, right1, right5, n = sums.tolist()
-    return {"val_loss": loss / n, "val_top1_error": 1 - right1 / n, "val_top5_error": 1 - right5 / n,
-            "val_samples": int(n)}
+    return {"val_loss": loss / n, "val_top1_error": 1 - right1 / n,
+            "val_top5_error": 1 - right5 / n if num_classes > 5 else None, "val_samples": int(n)}
+
+
+def percent(error: float | None) -> str:
+    return "n/a" if error is None else f"{100 * error:.1f}%"
 
 
 # ---------------------------------------------------------------- evidence
@@ -316,7 +322,8 @@ def draw_plot(path: str, epochs: list[dict]) -> None:
     ax[0].plot(x, [e["val_loss"] for e in epochs], "o-", label="val")
     ax[0].set(title="loss (cross-entropy)", xlabel="epoch")
     ax[1].plot(x, [100 * e["val_top1_error"] for e in epochs], "o-", label="top-1")
-    ax[1].plot(x, [100 * e["val_top5_error"] for e in epochs], "o-", label="top-5")
+    if all(e["val_top5_error"] is not None for e in epochs):  # n/a with 5 classes or fewer
+        ax[1].plot(x, [100 * e["val_top5_error"] for e in epochs], "o-", label="top-5")
     ax[1].set(title="validation error (%)", xlabel="epoch", ylim=(0, 100))
     ax[2].semilogy(x, [e["lr"] for e in epochs], "o-")
     ax[2].set(title="learning rate (weights)", xlabel="epoch")
@@ -722,10 +729,10 @@ def train_epoch(run: Run, epoch: int) -> dict:
 
 def end_epoch(run: Run, epoch: int, stats: dict) -> dict:
     """Evaluate, log, checkpoint and plot after an epoch; returns the epoch's metrics record."""
-    sums = evaluate(run.model, run.val_loader, run.device, run.bf16)
+    sums = evaluate(run.model, run.val_loader, run.device, run.bf16, progress=run.main)
     if run.world > 1:
         torch.distributed.all_reduce(sums)
-    ev = summarize(sums)
+    ev = summarize(sums, run.num_classes)
     run.val_errors.append(ev["val_top1_error"])
     t_start = stats.pop("t_start")
     result = {"kind": "epoch", "epoch": epoch, "step": run.step,
@@ -738,9 +745,10 @@ def end_epoch(run: Run, epoch: int, stats: dict) -> dict:
         draw_plot(os.path.join(run.cfg.out, "plot.png"), run.metrics.epochs)
         if run.tb:
             for k in ("val_loss", "val_top1_error", "val_top5_error", "train_loss"):
-                run.tb.add_scalar(f"epoch/{k}", result[k], epoch + 1)
+                if result[k] is not None:
+                    run.tb.add_scalar(f"epoch/{k}", result[k], epoch + 1)
         print(f"epoch {epoch + 1}: train loss {result['train_loss']:.3f}, val loss {ev['val_loss']:.3f}, "
-              f"top-1 error {100 * ev['val_top1_error']:.1f}%, top-5 error {100 * ev['val_top5_error']:.1f}% "
+              f"top-1 error {percent(ev['val_top1_error'])}, top-5 error {percent(ev['val_top5_error'])} "
               f"({ev['val_samples']} images), {result['images_per_s']:.0f} img/s", flush=True)
     return result
 

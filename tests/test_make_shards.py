@@ -441,3 +441,28 @@ def test_resize_and_centre_crop_geometry_on_a_gradient(size, axis):
     inner = slice(8, 248)  # the filter's support reaches past the box near its edges
     err = out[inner, inner] - np.broadcast_to(expected, (256, 256))[inner, inner]
     assert abs(err.mean()) < 0.3 and np.abs(err).max() < 2.5, (err.mean(), np.abs(err).max())
+
+
+def test_skipped_reasons_are_the_same_in_two_identical_runs(sources, tmp_path):
+    """An unidentifiable file under --allow-skips: PIL's message named its in-memory file by address
+    ('<_io.BytesIO object at 0x...>'), so two identical runs wrote different manifests."""
+    root = _copy_source(sources, tmp_path)
+    bad = os.path.join(root, "train", "n91000002", "n91000002_1014.JPEG")
+    open(bad, "wb").write(b"not an image at all" * 10)
+    reasons = []
+    for k in range(2):
+        out = str(tmp_path / f"out{k}")
+        assert build_shards(root, out, "--allow-skips") == 0
+        reasons.append(load_manifest(out)["skipped"])
+    assert reasons[0] == reasons[1] and "0x" not in reasons[0][0]["reason"], reasons
+    assert reasons[0][0]["reason"].startswith("UnidentifiedImageError: cannot identify image file")
+
+
+def test_sizes_below_the_training_crop_and_non_empty_sample_dirs_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        make_shards.main([str(tmp_path), str(tmp_path / "out"), "--size", "200"])
+    assert e.value.code == 2 and "--size >= 224" in capsys.readouterr().err
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "x").write_text("mine")
+    assert make_sample_data.main([str(tmp_path / "sample"), "--classes", "2"]) == 2
+    assert "not empty" in capsys.readouterr().err and os.listdir(tmp_path / "sample") == ["x"]

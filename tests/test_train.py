@@ -43,8 +43,9 @@ def test_run_leaves_its_evidence(finished_run, tiny_shards):
     epochs = [r for r in lines if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [2, 4, 6, 8] and [r["epoch"] for r in epochs] == [0, 1]
     for r in epochs:
-        for k in ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1_error", "val_top5_error", "images_per_s"):
+        for k in ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1_error", "images_per_s"):
             assert isinstance(r[k], (int, float)), k
+        assert r["val_top5_error"] is None  # 4 classes: n/a
         assert r["train_samples"] == 32 and r["val_samples"] == 16
     assert open(os.path.join(out, "plot.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
@@ -299,7 +300,7 @@ def test_evaluation_on_hand_built_logits(crops):
         images = images[:, 0]
     batches = [(images[:4], torch.as_tensor(labels[:4])), (images[4:], torch.as_tensor(labels[4:]))]
     sums = train.evaluate(_TableModel(logits), batches, torch.device("cpu"), bf16=False)
-    result = train.summarize(sums)
+    result = train.summarize(sums, classes)
     assert result["val_samples"] == n
     assert result["val_top1_error"] == pytest.approx(expect_top1, abs=1e-12)
     assert result["val_top5_error"] == pytest.approx(expect_top5, abs=1e-12)
@@ -361,3 +362,22 @@ def test_a_second_live_run_into_the_same_out_is_refused_and_a_stale_lock_taken_o
     assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 0  # that pid is gone now
     assert f"taking over the lock of pid {sleeper.pid}" in capsys.readouterr().err
     assert not os.path.exists(lock)  # released at the end
+
+
+def test_evaluate_refuses_a_missing_json_directory_before_evaluating(finished_run, tiny_shards, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    report = str(tmp_path / "no" / "such" / "dir" / "eval.json")
+    assert evaluate.main(["--checkpoint", os.path.join(finished_run, "checkpoint.pt"), "--shards", tiny_shards,
+                          "--devices", "cpu", "--json", report]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its directory does not exist" in err[0]
+
+
+def test_top5_error_is_na_with_five_classes_or_fewer(finished_run, tiny_shards, capsys):
+    """4 classes: top-5 error would be 0 by construction, so it is reported as n/a (None in JSON)."""
+    last = [json.loads(x) for x in open(os.path.join(finished_run, "metrics.jsonl"))][-1]
+    assert last["val_top5_error"] is None
+    assert evaluate.main(["--checkpoint", os.path.join(finished_run, "checkpoint.pt"), "--shards", tiny_shards,
+                          "--devices", "cpu"]) == 0
+    assert "top-5 error n/a" in capsys.readouterr().out

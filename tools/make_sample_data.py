@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.classes < 1 or a.classes > 1000 or a.train_per_class < 1 or a.val_per_class < 1:
         p.error("--classes must be in 1..1000 and the per-class counts at least 1")
+    if os.path.isdir(a.out) and os.listdir(a.out):  # two data sets mixed in one tree would look like one
+        print(f"make_sample_data: {a.out}: not empty; choose a new directory or remove it", file=sys.stderr)
+        return 2
     generate(a.out, a.layout, a.classes, a.train_per_class, a.val_per_class, a.seed, not a.no_quirks)
     n = a.classes * (a.train_per_class + a.val_per_class)
     print(f"wrote {n} synthetic images ({a.classes} classes) in the '{a.layout}' layout to {a.out}")

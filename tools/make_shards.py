@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,10 @@ def _encode_sample(sample: SourceSample, label: int):
     try:
         jpg, orig = process_image(sample.read(), _worker_opts)
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per file
-        return None, f"{type(e).__name__}: {e}".replace("\n", " ")
+        # PIL names its in-memory file by address ('<_io.BytesIO object at 0x7f...>'): the manifest
+        # must not differ between two identical runs.
+        return None, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file",
+                            f"{type(e).__name__}: {e}".replace("\n", " "))
     return pack_sample(sample.key, jpg, label, {"wnid": sample.wnid, "source": sample.source,
                                                 "orig_size": list(orig)}), None
 
@@ -307,8 +311,9 @@ def parse_args(argv):
     splits = tuple(s for s in a.splits.split(",") if s)
     if not splits or any(s not in ("train", "val") for s in splits):
         p.error("--splits takes train, val or train,val")
-    if a.workers < 1 or a.shard_samples < 1 or a.size < 8 or not 1 <= a.quality <= 100:
-        p.error("--workers and --shard-samples must be >= 1, --size >= 8, --quality in 1..100")
+    if a.workers < 1 or a.shard_samples < 1 or a.size < 224 or not 1 <= a.quality <= 100:
+        p.error("--workers and --shard-samples must be >= 1, --size >= 224 (the training crop), "
+                "--quality in 1..100")
     opts = ShardOptions(size=a.size, keep_aspect=a.keep_aspect, quality=a.quality, resample=a.resample,
                         draft=not a.no_draft, shard_samples=a.shard_samples, seed=a.seed, splits=splits,
                         layout=a.layout, allow_skips=a.allow_skips)

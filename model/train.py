@@ -206,7 +206,7 @@ def checkpoint_digest(ckpt: dict) -> str:
     for name, t in _tensors({k: v for k, v in ckpt.items() if k != "digest"}):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
     return h.hexdigest()
 
 

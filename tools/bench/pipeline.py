@@ -8,8 +8,9 @@
     Re-created line for line in plain PIL and NumPy, because PyPI's torchvision does not import
     beside this machine's CPU build of torch; it runs with our pillow-simd, which favours it;
   - our webdataset + pillow-simd loader (the portable fallback).
-Rates are whole epochs (start-up included) and interleaved; each loader's first-batch latency
-is printed apart.
+Rates are whole epochs (start-up included), best of 9 interleaved rounds; the ratios are medians
+over the rounds of the ratio within a round (this machine's speed drifts by 10-30 % over
+minutes); each loader's first-batch latency is printed apart.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from tools.bench.common import _epoch_rate, _epoch_timing, _line, _quiet, _shards, _source
+from tools.bench.common import ROUNDS, _epoch_timing, _interleaved, _line, _quiet, _shards, _source
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet values, for (b)
 
@@ -94,7 +95,7 @@ def bench_pipeline(a) -> dict:
     images, batch = a.images or 2048, a.batch or 128
     cores = os.cpu_count()
     print(f"training pipeline (random crop, flip, lighting, normalize): {images} images of 256x256, "
-          f"batch {batch}, {cores} cores, one epoch each, best of 3 (interleaved)")
+          f"batch {batch}, {cores} cores, one epoch each, {ROUNDS} interleaved rounds")
     with tempfile.TemporaryDirectory() as tmp:
         out = _shards(tmp, images)
         _quiet(compute_pca.main, [out, "--quiet"])
@@ -103,21 +104,20 @@ def bench_pipeline(a) -> dict:
         loaders = {"ours": make_loader(out, "train", batch_size=batch, backend="dali", num_threads=cores),
                    "plain": PlainDali(out, batch, cores), "folder": folder,
                    "wds": make_loader(out, "train", batch_size=batch, backend="wds", num_threads=cores)}
-        best = {k: 0.0 for k in loaders}
-        first = {k: float("inf") for k in loaders}
-        for _ in range(3):
-            for k, loader in loaders.items():
-                best[k] = max(best[k], _epoch_rate(loader))
-        for k in ("ours", "plain"):
-            first[k] = min(_epoch_timing(loaders[k])[1] for _ in range(2))
+        for loader in loaders.values():  # one epoch each first: start-up and page cache out of the rounds
+            sum(len(y) for _, y in loader)
+        res = _interleaved(images, {k: (lambda ld=ld: sum(len(y) for _, y in ld)) for k, ld in loaders.items()},
+                           rounds=ROUNDS)
+        best = {k: res[k] for k in loaders}
+        first = {k: min(_epoch_timing(loaders[k])[1] for _ in range(2)) for k in ("ours", "plain")}
     _line("ours: DALI on the CPU (exact order, lighting)", best["ours"],
           extra=f"  first batch {1000 * first['ours']:.0f} ms")
     _line("(a) plain DALI pipeline, reader shuffle", best["plain"],
           extra=f"  first batch {1000 * first['plain']:.0f} ms")
     _line("(b) ImageFolder + transforms, DataLoader", best["folder"])
     _line("webdataset + pillow-simd + DataLoader", best["wds"])
-    print(f"  ours / (a) plain DALI:                    {best['ours'] / best['plain']:.2f}x  (goal >= 0.95)")
-    print(f"  ours / (b) the torchvision way:           {best['ours'] / best['folder']:.2f}x  (goal >= 4)")
-    print(f"  ours / webdataset loader:                 {best['ours'] / best['wds']:.2f}x  (goal >= 2.5)")
-    return {"dali_cpu": best["ours"], "plain_dali": best["plain"], "folder": best["folder"], "wds": best["wds"],
-            "first_batch_s": first["ours"], "plain_first_batch_s": first["plain"]}
+    for other, label, goal in (("plain", "(a) plain DALI", "0.95"), ("folder", "(b) the torchvision way", "4"),
+                               ("wds", "webdataset loader", "2.5")):
+        print(f"  ours / {label + ':':34s} {res[f'ratio:ours/{other}']:.2f}x  (goal >= {goal}; "
+              f"range {res[f'range:ours/{other}']})")
+    return {**res, "first_batch_s": first["ours"], "plain_first_batch_s": first["plain"]}

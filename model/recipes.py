@@ -20,9 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 
-def _f(default, help: str):
-    """A recipe field with its help text (its unit and source), shown by `train --help`."""
+def field_help(default, help: str):
+    """A dataclass field with its help text (its unit and source), shown by `train --help`."""
     return field(default=default, metadata={"help": help})
+
+
+_f = field_help
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ class Recipe:
                                  "'std': (x/255 - mean) / std")
     lighting: bool = _f(True, "PCA lighting, alpha ~ N(0, 0.1^2) times sqrt(eigenvalue) (section 4.1, convdata.py)")
     train_scale: float = _f(1 / 1.1, "lit training batches are multiplied by this (convdata.py: 1 / (1 + 0.1))")
+
+    def model_config(self, num_classes: int):
+        """The AlexNetConfig this recipe trains."""
+        from model.alexnet import AlexNetConfig
+        return AlexNetConfig(num_classes=num_classes, lrn_layers=self.lrn_layers, lrn_convention=self.lrn_convention,
+                             lrn_k=self.lrn_k, dropout=self.dropout, init=self.init)
 
     def validate(self) -> None:
         """ValueError naming the flag and what is wrong."""

@@ -39,13 +39,10 @@ from tqdm import tqdm
 
 from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical, named_canonical_parameters
 from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, resolve
+from model.recipes import field_help as _f
 from pipeline import make_loader
 from pipeline.normalization import Normalization
 from pipeline.shards import MANIFEST, ShardError
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -518,8 +515,7 @@ def setup(cfg: TrainConfig) -> Run:
     if world > 1:
         torch.distributed.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in either layout
-    model_cfg = AlexNetConfig(num_classes=num_classes, lrn_layers=recipe.lrn_layers, lrn_k=recipe.lrn_k,
-                              lrn_convention=recipe.lrn_convention, dropout=recipe.dropout, init=recipe.init)
+    model_cfg = recipe.model_config(num_classes)
     model = build(model_cfg, devices)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -711,7 +707,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 window_loss, window_n, window_images = torch.zeros((), device=run.device), 0, 0
                 t_window = time.perf_counter()
             if _checkpoint_due(run, last_ckpt):
-                guard.check()
+                if run.step % cfg.log_every:  # a log step has checked already (a sync, an all-reduce)
+                    guard.check()
                 save_checkpoint(run, epoch)
                 last_ckpt = time.monotonic()
     guard.check()

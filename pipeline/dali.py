@@ -104,17 +104,19 @@ class DaliLoader(ShardLoader):
                 raise ShardError(f"{path}: cannot read ({e})") from None
         return self._maps[shard]
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int) -> np.ndarray:
+        """The plan's order, kept for this epoch and the last: the epoch's iteration and the feed
+        (which runs ahead into the next epoch) share it instead of computing it twice."""
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = self._order(epoch)
+            self._orders[epoch] = super()._order(epoch)
         return self._orders[epoch]
 
     def _feed(self):
         """The batch at self._next_feed in the plan's order; then on to the next, into the next epoch."""
         epoch, k = self._next_feed
         bs = self.cfg.batch_size
-        pairs = self._epoch_order(epoch)[k * bs:(k + 1) * bs]
+        pairs = self._order(epoch)[k * bs:(k + 1) * bs]
         self._next_feed = (epoch, k + 1) if k + 1 < len(self) else (epoch + 1, 0)
         jpgs, labels = [], []
         for s, i in pairs:

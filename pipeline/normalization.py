@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -68,9 +68,6 @@ class Normalization:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    def with_mode(self, mode: str) -> "Normalization":
-        return replace(self, mode=mode)
 
     # -- the numbers the loaders apply ---------------------------------------
     def shift_divisor(self, lit: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
     import torch.nn.functional as F
 
     from model import train
-    from model.alexnet import AlexNet, AlexNetConfig
+    from model.alexnet import AlexNet
     from pipeline import make_loader
     from pipeline.normalization import Normalization
     out = {}
@@ -56,8 +56,7 @@ def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
                              num_threads=2)
         x, y = next(iter(loader))
         torch.manual_seed(0)
-        model = AlexNet(cfg=AlexNetConfig(num_classes=len(loader.classes), init=recipe.init, lrn_k=recipe.lrn_k,
-                                          lrn_convention=recipe.lrn_convention)).eval()
+        model = AlexNet(cfg=recipe.model_config(len(loader.classes))).eval()
         with torch.no_grad():
             h = torch.flatten(model.features(x), 1)
             h7 = F.relu(model.fc7(F.relu(model.fc6(h))))
@@ -81,7 +80,7 @@ def trace(shards: str, names: list[str], steps: int, batch_size: int, lr: float)
     import torch.nn.functional as F
 
     from model import train
-    from model.alexnet import AlexNet, AlexNetConfig
+    from model.alexnet import AlexNet
     from pipeline import make_loader
     from pipeline.normalization import Normalization
     out = {}
@@ -92,8 +91,7 @@ def trace(shards: str, names: list[str], steps: int, batch_size: int, lr: float)
         loader = make_loader(shards, "train", batch_size=batch_size, normalization=norm, lighting=recipe.lighting,
                              num_threads=2)
         torch.manual_seed(0)
-        model = AlexNet(cfg=AlexNetConfig(num_classes=len(loader.classes), init=recipe.init, lrn_k=recipe.lrn_k,
-                                          lrn_convention=recipe.lrn_convention, dropout=recipe.dropout))
+        model = AlexNet(cfg=recipe.model_config(len(loader.classes)))
         optimizer = train.make_optimizer(model, recipe)
         seen = {}
         model.fc7.register_forward_hook(lambda m, i, o: seen.__setitem__("fc7", F.relu(o.detach())))

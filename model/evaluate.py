@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (ten crops: x10 forward passes)")
     p.add_argument("--backend", default="auto", help="data pipeline: dali, wds or auto")
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking each shard's sha256 against dataset.json before it is used")
     a = p.parse_args(argv)
     try:
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         try:
             loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
                                  crop="ten" if a.ten_crop else "center", backend=a.backend,
-                                 normalization=ckpt["normalization"])
+                                 normalization=ckpt["normalization"], verify=a.verify)
         except ShardError as e:
             raise UsageError(str(e)) from None
         if ckpt["num_classes"] != len(loader.manifest["classes"]):
@@ -70,7 +72,12 @@ def main(argv=None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     dev = torch.device(device)
-    result = summarize(evaluate(model, loader, dev, bf16=dev.type == "cuda", progress=True), ckpt["num_classes"])
+    try:
+        sums = evaluate(model, loader, dev, bf16=dev.type == "cuda", progress=True)
+    except ShardError as e:  # a shard that fails its sha256 or decode: named, no result written
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
+    result = summarize(sums, ckpt["num_classes"])
     result.update({"crop": "ten" if a.ten_crop else "center", "checkpoint": a.checkpoint,
                    "epoch": ckpt["epoch"], "step": ckpt["step"]})
     chance = 1 - 1 / len(loader.manifest["classes"])

@@ -56,6 +56,8 @@ class TrainConfig:
     devices: str = _f("auto", "'cpu', 'cuda', 'cuda:1', or two halves 'cuda:0,cuda:1'; auto: cuda if any")
     backend: str = _f("auto", "data pipeline: 'dali', 'wds', auto (DALI where it imports); 'synthetic' to time")
     loader_threads: int = _f(0, "DALI threads / DataLoader workers per rank (0: all cores)")
+    verify: bool = _f(True, "check every shard's sha256 against dataset.json before its samples are used "
+                            "(once per run, in the background); --no-verify skips it")
     bf16: bool = _f(True, "bf16 autocast on GPUs (ignored on the CPU, where it is slower)")
     channels_last: bool = _f(True, "NHWC memory on GPUs (faster convolutions; ignored on the CPU)")
     compile: bool = _f(False, "torch.compile the model")
@@ -278,20 +280,22 @@ def evaluate(model, loader, device, bf16: bool, progress: bool = False) -> torch
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right
     samples = 0  # counted on the host: no device sync per batch
-    for images, labels in tqdm(loader, total=len(loader), desc="evaluate", unit="batch", disable=not progress,
-                               dynamic_ncols=True, mininterval=1.0, file=sys.stderr):
-        labels = labels.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            if images.dim() == 5:
-                b, n = images.shape[:2]
-                probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, n, -1).mean(1)
-            else:
-                probs = F.softmax(model(images).float(), 1)
-        top5 = probs.topk(min(5, probs.shape[1]), 1).indices
-        sums += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
-                             (top5[:, 0] == labels).sum().double(),
-                             (top5 == labels[:, None]).any(1).sum().double()])
-        samples += len(labels)
+    # A with-block: the bar ends its line even when the loader raises, so the error gets a line of its own.
+    with tqdm(loader, total=len(loader), desc="evaluate", unit="batch", disable=not progress,
+              dynamic_ncols=True, mininterval=1.0, file=sys.stderr) as batches:
+        for images, labels in batches:
+            labels = labels.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                if images.dim() == 5:
+                    b, n = images.shape[:2]
+                    probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, n, -1).mean(1)
+                else:
+                    probs = F.softmax(model(images).float(), 1)
+            top5 = probs.topk(min(5, probs.shape[1]), 1).indices
+            sums += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
+                                 (top5[:, 0] == labels).sum().double(),
+                                 (top5 == labels[:, None]).any(1).sum().double()])
+            samples += len(labels)
     model.train()
     return torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=device)])
 
@@ -503,7 +507,7 @@ def setup(cfg: TrainConfig) -> Run:
         else:
             norm = Normalization.from_shards(cfg.shards, recipe.input_norm, recipe.train_scale)
         loader_args = dict(device=str(device), rank=rank, world_size=world, seed=cfg.seed, backend=cfg.backend,
-                           num_threads=cfg.loader_threads, normalization=norm)
+                           num_threads=cfg.loader_threads, normalization=norm, verify=cfg.verify)
         train_loader = make_loader(cfg.shards, "train", batch_size=recipe.batch_size // world,
                                    channels_last=channels_last, lighting=recipe.lighting, **loader_args)
         val_loader = make_loader(cfg.shards, "val", batch_size=max(1, recipe.batch_size // world),
@@ -816,7 +820,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
-    except Diverged as e:
+    except (Diverged, ShardError) as e:  # a bad shard met mid-run: named, the last checkpoint kept
         print(f"train: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
                 rank: int = 0, world_size: int = 1, seed: int = 0, crop: str | None = None,
                 normalize: bool | str = "mean", lighting: bool | None = None, flip: bool | None = None,
                 shuffle: bool | None = None, channels_last: bool = False, num_threads: int = 0,
-                backend: str = "auto", normalization=None):
+                backend: str = "auto", normalization=None, verify: bool = True):
     """A loader over `split` of a shard directory (see pipeline/loader.py's LoaderConfig).
 
     Defaults follow the split: train takes random crops, flips, lighting and a new
@@ -27,6 +27,8 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
     (raw 0-255), from SHARDS/pca.json; or `normalization`, a pipeline.normalization.Normalization
     (the trainer's or a checkpoint's), which then replaces both. backend: "dali", "wds", "auto" (DALI if it imports), or
     "synthetic" (fixed random batches of the split's size, for measuring the trainer alone).
+    verify: check each shard's sha256 against dataset.json before its samples leave the loader
+    (once per loader, in the background; pipeline/verify.py).
     """
     from pipeline.loader import LoaderConfig
 
@@ -39,7 +41,7 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
                        lighting=augment if lighting is None else lighting,
                        flip=augment if flip is None else flip,
                        shuffle=train if shuffle is None else shuffle,
-                       channels_last=channels_last, num_threads=num_threads)
+                       channels_last=channels_last, num_threads=num_threads, verify=verify)
     if backend == "auto":
         try:
             import nvidia.dali  # noqa: F401

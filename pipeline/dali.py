@@ -33,7 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline import plan
 from pipeline.loader import LoaderConfig, ShardLoader
-from pipeline.shards import ShardError, iter_tar_samples
+from pipeline.shards import JPEG_SOI, ShardError, error_text, iter_tar_samples
 
 DATA_OPS = ("fn.decoders.image",)  # errors of these are about the data (read errors are ShardErrors already)
 
@@ -80,7 +80,8 @@ def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str):
 
 class DaliLoader(ShardLoader):
     def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg)
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> this rank's order (the last two epochs; before
+        super().__init__(cfg)                     # the base's init, which asks for epoch 0's to verify)
         self.gpu = self.device.type == "cuda"
         if self.gpu and not torch.cuda.is_available():
             raise RuntimeError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
@@ -89,7 +90,6 @@ class DaliLoader(ShardLoader):
         # Batches with lighting also take the recipe's training scale (normalization.py).
         self.shift, self.divisor = self.norm.shift_divisor(lit=cfg.lighting)
         self._maps: dict[int, mmap.mmap] = {}     # shard -> its bytes, mapped on first use
-        self._orders: dict[int, np.ndarray] = {}  # epoch -> this rank's order (the last two epochs)
         self._it = None                           # the pipeline's iterator
         self._next_feed = (0, 0)                  # (epoch, batch) the feed serves next
         self._next_out = None                     # (epoch, batch) the iterator yields next
@@ -118,10 +118,14 @@ class DaliLoader(ShardLoader):
         bs = self.cfg.batch_size
         pairs = self._order(epoch)[k * bs:(k + 1) * bs]
         self._next_feed = (epoch, k + 1) if k + 1 < len(self) else (epoch + 1, 0)
+        self.verified(pairs)  # DALI never sees a byte of a shard that does not match its sha256
         jpgs, labels = [], []
         for s, i in pairs:
             entry, data = self.entries[s][i], self._shard_bytes(s)
             (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
+            if data[off:off + 3] != JPEG_SOI:  # ~0.2 us; nvJPEG has crashed the process on such bytes
+                raise ShardError(f"{self.shards[s]['path']}: sample {entry.key}: .jpg is not a JPEG "
+                                 f"(starts {bytes(data[off:off + 3]).hex()}, not ffd8ff)")
             jpgs.append(np.frombuffer(data, np.uint8, size, off))  # a view; DALI copies it
             try:
                 labels.append(int(data[coff:coff + csize]))
@@ -183,7 +187,7 @@ class DaliLoader(ShardLoader):
                         Image.open(io.BytesIO(sample["jpg"])).load()
                         int(sample["cls"])
                     except Exception as e:  # noqa: BLE001
-                        return f"{path}: sample {key} is corrupt ({e}); DALI said: {first}"
+                        return f"{path}: sample {key} is corrupt ({error_text(e)}); DALI said: {first}"
             except ShardError as e:
                 return f"{e}; DALI said: {first}"
         return f"{self.cfg.shards_dir}: DALI failed reading split {self.cfg.split}: {first}"

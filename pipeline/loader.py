@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from pipeline import plan
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError, load_manifest, read_index, split_shards
+from pipeline.verify import ShardVerifier
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,14 @@ class LoaderConfig:
     shuffle: bool = True            # reshuffle every epoch (train); False: source order (eval)
     channels_last: bool = False     # NCHW shape with NHWC memory (faster convolutions on GPUs)
     num_threads: int = 0            # DALI threads / DataLoader workers; 0 = all cores
+    verify: bool = True             # check each shard's sha256 against dataset.json before its samples
+                                    # leave the loader (once per loader, in the background: pipeline/verify.py)
 
 
 class ShardLoader:
     """Iterate for one epoch; iterate again for the next. `state_dict()` is the position."""
+
+    reads_shards = True  # False: a loader that yields no shard's samples (nothing to verify)
 
     def __init__(self, cfg: LoaderConfig):
         if cfg.crop not in ("random", "center", "ten"):
@@ -72,6 +78,13 @@ class ShardLoader:
         self.epoch, self.batch = 0, 0  # the next batch to yield
         self.device = torch.device(cfg.device)
         self.classes = [c["name"] for c in self.manifest["classes"]]
+        self.verifier = None
+        if cfg.verify and self.reads_shards:
+            self.verifier = ShardVerifier(self.shards)
+            weakref.finalize(self, self.verifier.close)  # a dropped loader stops its thread
+            # Start now, in the first epoch's order: the first shards are verified while the caller
+            # builds its model. A resume (load_state_dict) or another epoch reschedules in __iter__.
+            self._schedule_verification(self._order(0))
 
     # -- the position -------------------------------------------------------
     def __len__(self) -> int:
@@ -108,6 +121,7 @@ class ShardLoader:
         epoch, start = self.epoch, self.batch
         order = self._order(epoch)[start * self.cfg.batch_size:]
         n_batches = len(self)
+        self._schedule_verification(order)
         for k, batch in enumerate(self._epoch_batches(epoch, start, order)):
             self.batch = start + k + 1  # counted as consumed once handed out: a checkpoint after the step
             yield batch
@@ -117,6 +131,19 @@ class ShardLoader:
 
     def _epoch_batches(self, epoch: int, start: int, order: np.ndarray):
         raise NotImplementedError
+
+    def _schedule_verification(self, order: np.ndarray) -> None:
+        """Queue the shards of `order` ((shard, sample) pairs) in the order it first reads them."""
+        if self.verifier is not None and len(order):
+            first = np.unique(order[:, 0], return_index=True)[1]
+            self.verifier.schedule(order[np.sort(first), 0])
+
+    def verified(self, pairs: np.ndarray) -> None:
+        """Returns once every shard of these (shard, sample) pairs is verified; ShardError names one
+        that is not. The backends call it before a batch's samples leave the loader."""
+        if self.verifier is not None:
+            for shard in np.unique(pairs[:, 0]):
+                self.verifier.wait(int(shard))
 
     # -- shared augmentation inputs -----------------------------------------
     def params(self, epoch: int, batch: int) -> plan.BatchParams:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 
@@ -28,6 +29,16 @@ _MTIME = 0
 
 class ShardError(Exception):
     """A shard directory or shard that does not match its contract; names the file."""
+
+
+JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker and the next marker's first byte: every JPEG opens so
+
+
+def error_text(error: Exception) -> str:
+    """An exception as one line, without the address PIL puts in its in-memory file's name
+    ('<_io.BytesIO object at 0x7f...>'): messages and manifests must not differ between identical runs."""
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", text)
 
 
 def shard_name(split: str, number: int) -> str:

@@ -11,6 +11,8 @@ from pipeline.loader import LoaderConfig, ShardLoader
 
 
 class SyntheticLoader(ShardLoader):
+    reads_shards = False
+
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
         g = torch.Generator().manual_seed(cfg.seed)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline import plan
 from pipeline.loader import LoaderConfig, ShardLoader
-from pipeline.shards import ShardError
+from pipeline.shards import ShardError, error_text
 
 
 class _EpochBatches(torch.utils.data.IterableDataset):
@@ -68,7 +68,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                 img = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
                 labels.append(int(sample["cls"]))
             except Exception as e:  # noqa: BLE001
-                raise ShardError(f"{path}: sample {key} is corrupt ({e})") from None
+                raise ShardError(f"{path}: sample {key} is corrupt ({error_text(e)})") from None
             if cfg.crop == "random":
                 flip = bool(p.flip[j]) and cfg.flip
                 images.append(ld.norm.apply(plan.crop(img, p.crop_x[j], p.crop_y[j], flip), lights[j]))
@@ -95,5 +95,8 @@ class WdsLoader(ShardLoader):
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.workers,
                                          pin_memory=self.device.type == "cuda", prefetch_factor=2,
                                          persistent_workers=False)
-        for images, labels in dl:
+        bs = self.cfg.batch_size
+        for k, (images, labels) in enumerate(dl):
+            # The workers read the shards on their own; a batch leaves only once its shards are verified.
+            self.verified(order[k * bs:(k + 1) * bs])
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -319,14 +319,84 @@ def test_corrupt_jpeg_met_while_reading_names_shard_and_key(shards, tmp_path, ba
     from pipeline.shards import read_index
     entry = read_index(path[:-4] + ".idx")[3]
     off, size = entry.member("jpg")
-    with open(path, "r+b") as f:  # keep the SOI marker, destroy the rest of the JPEG header
-        f.seek(off + 2)
+    with open(path, "r+b") as f:  # keep the SOI marker and the next marker's 0xff, destroy the rest of the header
+        f.seek(off + 3)
         f.write(b"\x00" * 200)
     m = json.load(open(os.path.join(out, "dataset.json")))
     m["splits"]["val"]["shards"][1]["sha256"] = sha256_file(path)
     atomic_write(os.path.join(out, "dataset.json"), json.dumps(m).encode())
     loader = make_loader(out, "val", batch_size=16, backend=backend, num_threads=2)
     with pytest.raises(ShardError, match=rf"val-000001\.tar: sample {entry.key} is corrupt"):
+        list(loader)
+
+
+def _tamper(out: str, shard_file: str, sample: int, how: str) -> str:
+    """Change one sample of a shard in place, keeping the tar well formed; returns the sample's key."""
+    from pipeline.shards import read_index
+    path = os.path.join(out, shard_file)
+    entry = read_index(path[:-4] + ".idx")[sample]
+    with open(path, "r+b") as f:
+        if how == "flip_jpeg":  # 64 bytes inside the entropy-coded data: decodes, wrong pixels
+            off, size = entry.member("jpg")
+            f.seek(off + size // 2)
+            block = f.read(64)
+            f.seek(off + size // 2)
+            f.write(bytes(b ^ 0x5A for b in block))
+        elif how == "relabel":  # another class, same length: no reader can tell
+            off, size = entry.member("cls")
+            f.seek(off)
+            label = int(f.read(size))
+            f.seek(off)
+            f.write(str((label + 1) % 10).encode())
+        elif how == "zero_soi":
+            off, _ = entry.member("jpg")
+            f.seek(off)
+            f.write(b"\0\0")
+    return entry.key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["flip_jpeg", "relabel"])
+def test_a_tampered_shard_never_reaches_the_model(shards, tmp_path, backend, how):
+    """64 flipped JPEG bytes, or a relabelled .cls member, decode and train without complaint; the
+    loader must refuse the shard by its sha256 before yielding any batch that holds its samples."""
+    out = _copy(shards, tmp_path)
+    _tamper(out, "train-000002.tar", 5, how)
+    loader = make_loader(out, "train", batch_size=16, backend=backend, num_threads=2)
+    order = loader._order(0)
+    first_bad_batch = int(np.flatnonzero(order[:, 0] == 2)[0]) // 16
+    yielded = 0
+    with pytest.raises(ShardError, match=r"train-000002\.tar: sha256 differs from dataset\.json"):
+        for _ in loader:
+            yielded += 1
+    assert yielded <= first_bad_batch
+    # --no-verify is the escape: the same shards then load (and would train on the change)
+    unchecked = make_loader(out, "train", batch_size=16, backend=backend, num_threads=2, verify=False)
+    assert sum(len(y) for _, y in unchecked) == unchecked.num_samples
+
+
+def test_verification_runs_once_per_loader_and_ahead_of_the_reader(shards):
+    loader = make_loader(shards, "train", batch_size=16, backend="wds", num_threads=2)
+    v = loader.verifier
+    for _ in range(2):
+        for _ in loader:
+            pass
+    assert sorted(v._done) == list(range(len(loader.shards))) and all(p is None for p in v._done.values())
+    hashed = v.hash_seconds
+    loader.set_epoch(5)
+    for _ in loader:  # another epoch, another order: nothing is hashed again
+        pass
+    assert v.hash_seconds == hashed and not v._pending
+    unverified = make_loader(shards, "train", batch_size=16, backend="wds", verify=False)
+    assert unverified.verifier is None
+
+
+def test_dali_refuses_a_jpeg_without_its_start_marker_even_unverified(shards, tmp_path):
+    """A zeroed SOI marker crashed DALI's process (exit 139) before the feed checked it."""
+    out = _copy(shards, tmp_path)
+    key = _tamper(out, "val-000000.tar", 3, "zero_soi")
+    loader = make_loader(out, "val", batch_size=16, backend="dali", num_threads=2, verify=False)
+    with pytest.raises(ShardError, match=rf"val-000000\.tar: sample {key}: \.jpg is not a JPEG"):
         list(loader)
 
 

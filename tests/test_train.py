@@ -24,6 +24,13 @@ def run_args(shards, out, *extra):
     return ["--shards", shards, "--out", out, *TINY, *extra]
 
 
+def messages(stderr: str, prog: str) -> list[str]:
+    """The program's own lines on stderr ('prog: ...'), without progress-bar redraws (which also start
+    with a program-like name, and split into lines at their carriage returns)."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith(f"{prog}: ") and "%|" not in line]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run") / "r")
@@ -381,3 +388,27 @@ def test_top5_error_is_na_with_five_classes_or_fewer(finished_run, tiny_shards, 
     assert evaluate.main(["--checkpoint", os.path.join(finished_run, "checkpoint.pt"), "--shards", tiny_shards,
                           "--devices", "cpu"]) == 0
     assert "top-5 error n/a" in capsys.readouterr().out
+
+
+def test_a_relabelled_shard_stops_training_and_evaluation_with_one_line(finished_run, tiny_shards, tmp_path,
+                                                                        capsys):
+    """A .cls member changed after make_shards (same length, so every reader accepts it): train and
+    evaluate stop with exit 1 and one line naming the shard; before, both ran on the wrong labels."""
+    shards = str(tmp_path / "shards")
+    shutil.copytree(tiny_shards, shards)
+    for split, shard in (("train", "train-000001.tar"), ("val", "val-000000.tar")):
+        path = os.path.join(shards, shard)
+        data = bytearray(open(path, "rb").read())
+        name_at = data.index(b".cls\0")  # in the first .cls member's 512-byte header; its data follows
+        off = name_at - name_at % 512 + 512
+        data[off] = ord("0") + (data[off] - ord("0") + 1) % 4  # labels 0-3: one digit
+        open(path, "wb").write(bytes(data))
+    capsys.readouterr()
+    out = str(tmp_path / "run")
+    assert train.main(run_args(shards, out, "--epochs", "1")) == 1
+    err = messages(capsys.readouterr().err, "train")
+    assert len(err) == 1 and "train-000001.tar: sha256 differs from dataset.json" in err[0], err
+    assert evaluate.main(["--checkpoint", os.path.join(finished_run, "checkpoint.pt"), "--shards", shards,
+                          "--devices", "cpu"]) == 1
+    err = messages(capsys.readouterr().err, "evaluate")
+    assert len(err) == 1 and "val-000000.tar: sha256 differs from dataset.json" in err[0], err

@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, index_name, pack_sample,
-                             sha256_file, shard_name)
+from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, error_text, index_name,
+                             pack_sample, sha256_file, shard_name)
 from tools.imagenet_source import LAYOUTS, Source, SourceError, SourceSample, open_source
 
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "box": Image.BOX}
@@ -111,10 +111,7 @@ def _encode_sample(sample: SourceSample, label: int):
     try:
         jpg, orig = process_image(sample.read(), _worker_opts)
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per file
-        # PIL names its in-memory file by address ('<_io.BytesIO object at 0x7f...>'): the manifest
-        # must not differ between two identical runs.
-        return None, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file",
-                            f"{type(e).__name__}: {e}".replace("\n", " "))
+        return None, error_text(e)
     return pack_sample(sample.key, jpg, label, {"wnid": sample.wnid, "source": sample.source,
                                                 "orig_size": list(orig)}), None
 

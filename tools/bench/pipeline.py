@@ -7,7 +7,9 @@
     RandomHorizontalFlip, ToTensor, Normalize in a DataLoader with all cores: goal ours >= 4x.
     Re-created line for line in plain PIL and NumPy, because PyPI's torchvision does not import
     beside this machine's CPU build of torch; it runs with our pillow-simd, which favours it;
-  - our webdataset + pillow-simd loader (the portable fallback).
+  - our webdataset + pillow-simd loader (the portable fallback);
+  - the cost of the shard sha256 verification (pipeline/verify.py): an epoch of our loader with a fresh
+    verifier against one without, paired rounds; goal < 2 % of an epoch.
 Rates are whole epochs (start-up included), best of 9 interleaved rounds; the ratios are medians
 over the rounds of the ratio within a round (this machine's speed drifts by 10-30 % over
 minutes); each loader's first-batch latency is printed apart.
@@ -110,6 +112,8 @@ def bench_pipeline(a) -> dict:
                            rounds=ROUNDS)
         best = {k: res[k] for k in loaders}
         first = {k: min(_epoch_timing(loaders[k])[1] for _ in range(2)) for k in ("ours", "plain")}
+        loaders.clear()  # their threads and memory go before the next measurement
+        verify = bench_verify(out, images, batch, cores)
     _line("ours: DALI on the CPU (exact order, lighting)", best["ours"],
           extra=f"  first batch {1000 * first['ours']:.0f} ms")
     _line("(a) plain DALI pipeline, reader shuffle", best["plain"],
@@ -120,4 +124,47 @@ def bench_pipeline(a) -> dict:
                                ("wds", "webdataset loader", "2.5")):
         print(f"  ours / {label + ':':34s} {res[f'ratio:ours/{other}']:.2f}x  (goal >= {goal}; "
               f"range {res[f'range:ours/{other}']})")
-    return {**res, "first_batch_s": first["ours"], "plain_first_batch_s": first["plain"]}
+    _print_verify(verify)
+    return {**res, "first_batch_s": first["ours"], "plain_first_batch_s": first["plain"], **verify}
+
+
+def bench_verify(out: str, images: int, batch: int, cores: int) -> dict:
+    """What verifying every shard's sha256 adds to the epoch that does it: a run's first (later epochs
+    only look the result up). Each round makes a fresh loader of each kind and runs one epoch with it,
+    as a run starts; the rounds differ by the verification alone."""
+    from pipeline import make_loader
+    stats = {"hash_s": 0.0, "wait_s": 0.0}
+
+    def first_epoch(verify: bool) -> None:
+        loader = make_loader(out, "train", batch_size=batch, backend="dali", num_threads=cores, verify=verify)
+        sum(len(y) for _, y in loader)
+        if verify:
+            stats["hash_s"] += loader.verifier.hash_seconds
+            stats["wait_s"] += loader.verifier.wait_seconds
+
+    first_epoch(True)
+    first_epoch(False)
+    res = _interleaved(images, {"verify": lambda: first_epoch(True), "no_verify": lambda: first_epoch(False)},
+                       rounds=ROUNDS)
+    cost = res["ratio:no_verify/verify"] - 1  # median of (time verifying / time not) - 1
+    shards = make_loader(out, "train", batch_size=batch, backend="dali", verify=False)
+    nbytes = sum(s["bytes"] for s in shards.shards)
+    hash_rate = nbytes * (ROUNDS + 1) / max(stats["hash_s"], 1e-9)
+    per_image = nbytes / shards.num_samples
+    # The cost at ImageNet's JPEGs (~30 KB at 256 px, quality 90: ~30 MB a 1,024-sample shard) if the
+    # decode time stayed that of these smaller synthetic ones: a projection (an upper bound), not a measurement.
+    projected = cost * 30e3 / per_image
+    return {"verify_cost": cost, "verify_range": res["range:no_verify/verify"],
+            "verify_cpu_cost": res["cpu_ratio:no_verify/verify"] - 1,
+            "verify_hash_MBps": hash_rate / 1e6, "verify_wait_s": stats["wait_s"] / (ROUNDS + 1),
+            "bytes_per_image": per_image, "verify_cost_projected_30KB": projected}
+
+
+def _print_verify(v: dict) -> None:
+    print(f"  shard sha256 verification (once per run, background thread):\n"
+          f"    first-epoch cost {100 * v['verify_cost']:+.1f} % (goal < 2 %; rounds {v['verify_range']}), "
+          f"CPU seconds {100 * v['verify_cpu_cost']:+.1f} %; "
+          f"hashing {v['verify_hash_MBps']:.0f} MB/s, {v['bytes_per_image'] / 1e3:.1f} KB/image; the reader "
+          f"waited {1000 * v['verify_wait_s']:.0f} ms an epoch\n"
+          f"    projected at ImageNet's ~30 KB/image with this decode time (an upper bound): "
+          f"{100 * v['verify_cost_projected_30KB']:+.1f} %")

@@ -466,3 +466,115 @@ def test_sizes_below_the_training_crop_and_non_empty_sample_dirs_are_refused(tmp
     (tmp_path / "sample" / "x").write_text("mine")
     assert make_sample_data.main([str(tmp_path / "sample"), "--classes", "2"]) == 2
     assert "not empty" in capsys.readouterr().err and os.listdir(tmp_path / "sample") == ["x"]
+
+
+# ---------------------------------------------------------------- reruns of an unfinished OUT
+
+def _same_dirs(out: str, ref: str) -> None:
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+    for f in os.listdir(ref):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(ref, f), "rb").read(), f
+
+
+def _truncate(path: str) -> bytes:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return data
+
+
+def test_a_file_deleted_after_a_failed_run_is_never_mixed_in(sources, tmp_path, capsys):
+    """The natural path after a decode failure: the run fails naming the file, the user deletes it and
+    reruns. Before, the rerun kept the train shards of the first run (cut from another shuffle) and
+    exited 0 with duplicates, missing samples and the deleted file's. Now every shard whose source
+    files differ is made again: the result equals a fresh run on the changed source."""
+    root = _copy_source(sources, tmp_path)
+    bad = os.path.join(root, "train", "n91000003", "n91000003_1007.JPEG")
+    _truncate(bad)
+    out = str(tmp_path / "out")
+    assert build_shards(root, out, "--shard-samples", "4") == 1
+    assert len(glob.glob(os.path.join(out, "train-*.tar"))) > 0  # shards of the failed run, journaled
+    os.remove(bad)
+    capsys.readouterr()
+    assert build_shards(root, out, "--shard-samples", "4") == 0
+    captured = capsys.readouterr()
+    assert "the source changed since the unfinished run" in captured.err
+    ref = str(tmp_path / "ref")
+    assert build_shards(root, ref, "--shard-samples", "4") == 0
+    _same_dirs(out, ref)
+    # the rate counts the images this run made (all train shards: the shuffle changed), not the val it kept
+    made = SMALL["classes"] * SMALL["train_per_class"] - 1
+    kept = SMALL["classes"] * SMALL["val_per_class"]
+    assert f": {made} images made (" in captured.out and f", {kept} kept from the unfinished run" in captured.out
+
+
+def test_a_file_replaced_under_the_same_name_remakes_its_shard(sources, tmp_path, capsys):
+    """Same file set, one train image replaced by another picture (size and mtime differ): only the
+    shard holding it is made again, and the result equals a fresh run."""
+    root = _copy_source(sources, tmp_path)
+    bad_val = os.path.join(root, "val", "n91000001", sorted(os.listdir(os.path.join(root, "val", "n91000001")))[0])
+    original = _truncate(bad_val)  # the first run fails in val, after every train shard is done
+    out = str(tmp_path / "out")
+    assert build_shards(root, out, "--shard-samples", "4") == 1
+    open(bad_val, "wb").write(original)
+    replaced = os.path.join(root, "train", "n91000002", "n91000002_1014.JPEG")
+    Image.new("RGB", (300, 280), (200, 30, 90)).save(replaced, "JPEG")
+    capsys.readouterr()
+    assert build_shards(root, out, "--shard-samples", "4") == 0
+    assert "1 of its" in capsys.readouterr().err  # one train shard changed; the other journaled ones are kept
+    ref = str(tmp_path / "ref")
+    assert build_shards(root, ref, "--shard-samples", "4") == 0
+    _same_dirs(out, ref)
+
+
+def test_a_half_written_journal_line_is_dropped_and_the_run_finishes(sources, tmp_path, capsys):
+    """A kill while the journal's last line was being written: before, the rerun died in a traceback."""
+    root = _copy_source(sources, tmp_path)
+    bad_val = os.path.join(root, "val", "n91000001", sorted(os.listdir(os.path.join(root, "val", "n91000001")))[0])
+    original = _truncate(bad_val)
+    out = str(tmp_path / "out")
+    assert build_shards(root, out, "--shard-samples", "4") == 1
+    open(bad_val, "wb").write(original)
+    journal = os.path.join(out, "_progress.jsonl")
+    lines = open(journal).read().splitlines(keepends=True)
+    with open(journal, "a") as f:
+        f.write('{"plan": "0123", "shard": {"by')
+    capsys.readouterr()
+    assert build_shards(root, out, "--shard-samples", "4") == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "_progress.jsonl:" in err and "half-written last line" in err
+    ref = str(tmp_path / "ref")
+    assert build_shards(root, ref, "--shard-samples", "4") == 0
+    _same_dirs(out, ref)
+    # a damaged line that is not the last is refused with one line
+    os.remove(os.path.join(out, "dataset.json"))
+    open(journal, "w").write("".join([lines[0], "not json\n", *lines[1:]]))
+    capsys.readouterr()
+    assert build_shards(root, out, "--shard-samples", "4") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+    assert len(err) == 1 and "_progress.jsonl:2: not a journal line" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_ends_the_run_instead_of_hanging(sources, tmp_path):
+    """multiprocessing.Pool replaced a killed worker and waited for its shard forever."""
+    root, _ = sources["folder"]
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
+           "--workers", "2", "--shard-samples", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(glob.glob(os.path.join(out, "train-*.tar"))) < 2:
+        time.sleep(0.02)
+    workers = [int(p) for p in open(children).read().split()]
+    assert workers, "no worker processes to kill"
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("make_shards hung after its worker was killed")
+    lines = [line for line in err.splitlines() if line.startswith("make_shards: ")]
+    assert proc.returncode == 1 and len(lines) == 1 and "a worker process died while making" in lines[0], err
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    assert subprocess.run(cmd, capture_output=True, cwd=REPO).returncode == 0  # the rerun finishes

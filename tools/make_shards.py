@@ -12,10 +12,14 @@ and dataset.json, whatever --workers is (so --workers is not recorded).
 
 Safety: every file is written to a temporary name and renamed when complete, and
 dataset.json is written last, so a directory without it is unfinished. Rerunning
-the same command into the same OUT FINISHES the job: shards already written and
-verified against the run's journal (OUT/_progress.jsonl, sha256 of each) are kept,
-the rest are made. A rerun with other options into an unfinished OUT is refused;
-an OUT that is already complete (has dataset.json) is refused.
+the same command into the same OUT FINISHES the job: a shard the run's journal
+(OUT/_progress.jsonl) records is kept if its sha256 still matches and the source
+still gives it the same samples (the same files, by path, size and modification
+time); every other shard is made again, so a source changed between the runs (bad
+files deleted, say) never mixes old and new samples. A rerun with other options
+into an unfinished OUT is refused; an OUT that is already complete (has
+dataset.json) is refused. A worker process that dies (out of memory, killed) ends
+the run with exit 1; the shards finished so far are kept for the rerun.
 
 An image that cannot be decoded fails the run, naming every such file, unless
 --allow-skips is given; then each is listed in the manifest's `skipped`.
@@ -24,14 +28,15 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
 import json
 import math
 import os
-import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 import multiprocessing
 
@@ -149,6 +154,10 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+class WorkerDied(Exception):
+    """A worker process ended without finishing its shard; the message names OUT and the shard."""
+
+
 class ShardRun:
     def __init__(self, src: Source, out: str, opts: ShardOptions, workers: int, command: list[str]):
         self.src, self.out, self.opts, self.workers, self.command = src, out, opts, workers, command
@@ -157,26 +166,50 @@ class ShardRun:
         self.failed: list[tuple[str, str]] = []
         self.journal_path = os.path.join(out, JOURNAL)
 
-    # The journal lets a rerun keep the shards that are already complete.
-    def _load_journal(self) -> dict[str, dict]:
+    # The journal lets a rerun keep the shards that are already complete: each record holds the shard's
+    # sha256 and the identity of the source files it was made from (its plan digest), so a shard is kept
+    # only if its bytes are intact and the source still gives it exactly the same samples.
+    def _load_journal(self, plan_digests: dict[str, str]) -> dict[str, dict]:
         # --allow-skips changes no shard that gets written (a shard with an undecodable
         # image is not written without it), so the suggested rerun with it may finish this OUT.
-        options = {k: v for k, v in asdict(self.opts).items() if k != "allow_skips"}
-        header = {"options": options, "source": os.path.abspath(self.src.root)}
+        header = {"options": {k: v for k, v in asdict(self.opts).items() if k != "allow_skips"}}
         if not os.path.exists(self.journal_path):
             atomic_write(self.journal_path, (json.dumps(header, sort_keys=True) + "\n").encode())
             return {}
         with open(self.journal_path) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        if not lines or json.loads(json.dumps(lines[0])) != json.loads(json.dumps(header)):
-            raise SourceError(f"{self.journal_path}: {self.out} holds an unfinished run with other options or "
-                              "another source; rerun that command, or remove the directory")
-        done = {}
-        for rec in lines[1:]:
-            path = os.path.join(self.out, rec["shard"]["file"])
+            text = f.read()
+        lines, records = text.split("\n"), []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if n == len(lines):  # the last line, without its newline: cut off by a kill; remade below
+                    print(f"make_shards: {self.journal_path}:{n}: ignoring a half-written last line "
+                          "(that shard is made again)", file=sys.stderr)
+                    continue
+                raise SourceError(f"{self.journal_path}:{n}: not a journal line (edited or damaged); "
+                                  f"remove {self.out} and run again") from None
+        if not records or records[0].get("options") != json.loads(json.dumps(header["options"])):
+            raise SourceError(f"{self.journal_path}: {self.out} holds an unfinished run with other options; "
+                              "rerun that command, or remove the directory")
+        done, changed = {}, 0
+        for rec in records[1:]:
+            name = rec["shard"]["file"]
+            if rec.get("plan") != plan_digests.get(name):
+                changed += 1  # the source no longer gives this shard's samples: made again
+                continue
+            path = os.path.join(self.out, name)
             if (os.path.exists(path) and os.path.exists(index_name(path))
                     and os.path.getsize(path) == rec["shard"]["bytes"] and sha256_file(path) == rec["shard"]["sha256"]):
-                done[rec["shard"]["file"]] = rec
+                done[name] = rec
+        if changed:
+            print(f"make_shards: the source changed since the unfinished run in {self.out}: {changed} of its "
+                  f"{len(records) - 1} shards no longer match it and are made again", file=sys.stderr)
+        # The journal from here on holds only what is kept, so no stale or half line is ever read again.
+        atomic_write(self.journal_path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                for r in [records[0], *done.values()]).encode())
         return done
 
     def _plan(self) -> list[tuple[str, str, np.ndarray]]:
@@ -191,16 +224,44 @@ class ShardRun:
             plan += [(split, shard_name(split, k), order[i: i + per]) for k, i in enumerate(range(0, n, per))]
         return plan
 
+    def _plan_digests(self, plan) -> dict[str, str]:
+        """shard file -> sha256 of what it is made from: each sample's key, label, source path, and the
+        size and modification time of the file that holds its bytes (a tar member: its byte range and
+        the tar's). A file deleted, added, renamed or replaced changes the digest of every shard it
+        touches (and, through the train shuffle, usually of all train shards)."""
+        stamps: dict[str, str] = {}
+
+        def stamp(path: str) -> str:
+            if path not in stamps:
+                st = os.stat(path)
+                stamps[path] = f"{st.st_size}:{st.st_mtime_ns}"
+            return stamps[path]
+
+        digests = {}
+        for split, name, idx in plan:
+            h = hashlib.sha256()
+            for i in idx:
+                s = self.src.splits[split][i]
+                h.update(f"{s.key}\t{self.src.label(s.wnid)}\t{s.source}\t{s.offset}:{s.size}\t"
+                         f"{stamp(s.path)}\n".encode())
+            digests[name] = h.hexdigest()
+        return digests
+
     def run(self) -> int:
         os.makedirs(self.out, exist_ok=True)
         for tmp in glob.glob(os.path.join(self.out, "*.tmp-*")):  # partial files of a killed run
             os.remove(tmp)
-        done = self._load_journal()
         plan = self._plan()
+        try:
+            digests = self._plan_digests(plan)
+        except OSError as e:  # a source file gone between listing and now
+            raise SourceError(f"{e.filename}: cannot read ({e.strerror})") from None
+        done = self._load_journal(digests)
         todo = [(name, [(self.src.splits[split][i], self.src.label(self.src.splits[split][i].wnid)) for i in idx])
                 for split, name, idx in plan if name not in done]
         records = {name: done[name] for _, name, _ in plan if name in done}
         t0 = time.time()
+        made = 0  # images made by this run (not kept from an earlier one): the rate counts these
         progress = multiprocessing.Value("q", 0)
         bar = tqdm(total=sum(len(items) for _, items in todo), unit="img", dynamic_ncols=True, mininterval=1.0,
                    file=sys.stderr)
@@ -208,24 +269,35 @@ class ShardRun:
         # while the workers go on: by the manifest, nothing is left to wait for. (One os.sync()
         # at the end cost ~1 % of a run here, and on a shared machine syncs everyone's files.)
         # The pool first: its workers are forked before the syncer starts a thread.
-        with multiprocessing.Pool(self.workers, initializer=_init_worker,
-                                  initargs=(self.opts, self.out, progress)) as pool, ThreadPoolExecutor(1) as syncer:
+        # A ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (the OOM killer, a
+        # SIGKILL, a crash in a decoder) the Pool replaces it and its shard's result never comes, so
+        # the run hangs for good; the executor fails every pending shard at once instead.
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_init_worker, initargs=(self.opts, self.out, progress)) as pool, \
+                ThreadPoolExecutor(1) as syncer:
             flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
-            pending = [pool.apply_async(_make_shard, (task,)) for task in todo]
+            pending = {pool.submit(_make_shard, task): task[0] for task in todo}
             while pending:
-                pending[0].wait(0.5)
+                finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 bar.update(progress.value - bar.n)
-                for r in [r for r in pending if r.ready()]:
-                    pending.remove(r)
-                    res = r.get()
+                for future in finished:
+                    name = pending.pop(future)
+                    try:
+                        res = future.result()
+                    except BrokenProcessPool:
+                        bar.close()
+                        raise WorkerDied(f"{self.out}: a worker process died while making {name} (killed: out "
+                                         f"of memory?); the {len(records)} shards finished are kept and "
+                                         "the same command finishes the job") from None
                     if "failed" in res:
                         self.failed += [(f["source"], f["reason"]) for f in res["failed"]]
                         continue
                     flushed.append(syncer.submit(self._flush, res["name"]))
-                    rec = {"shard": res["shard"], "skipped": res["skipped"]}
+                    rec = {"shard": res["shard"], "skipped": res["skipped"], "plan": digests[res["name"]]}
                     with open(self.journal_path, "a") as f:
                         f.write(json.dumps(rec, sort_keys=True) + "\n")
                     records[res["name"]] = rec
+                    made += res["shard"]["samples"]
         bar.update(progress.value - bar.n)
         bar.close()
         for f in flushed:  # every shard on disk before the manifest says the directory is complete
@@ -242,7 +314,7 @@ class ShardRun:
                   "Rerun with --allow-skips to list them in the manifest's `skipped` and go on.", file=sys.stderr)
             return 1
         self._write_manifest()
-        self._summary(elapsed)
+        self._summary(elapsed, made)
         return 0
 
     def _flush(self, name: str) -> None:
@@ -270,7 +342,7 @@ class ShardRun:
         atomic_write(os.path.join(self.out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         os.remove(self.journal_path)
 
-    def _summary(self, elapsed: float) -> None:
+    def _summary(self, elapsed: float, made: int) -> None:
         total = 0
         for split, recs in self.records.items():
             n = sum(r["samples"] for r in recs)
@@ -278,7 +350,9 @@ class ShardRun:
             mb = sum(r["bytes"] for r in recs) / 1e6
             print(f"{split:5s}: {n} images in {len(recs)} shards, {mb:.1f} MB")
         print(f"skipped: {len(self.skipped)}" + (" (listed in dataset.json)" if self.skipped else ""))
-        print(f"done in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.0f} img/s) -> {os.path.join(self.out, MANIFEST)}")
+        kept = f", {total - made} kept from the unfinished run" if made < total else ""
+        print(f"done in {elapsed:.1f} s: {made} images made ({made / max(elapsed, 1e-9):.0f} img/s){kept} "
+              f"-> {os.path.join(self.out, MANIFEST)}")
 
 
 def _pil_version() -> str:
@@ -340,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as e:
         print(f"make_shards: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"make_shards: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # writing OUT: disk full, no permission, an I/O error while flushing
         print(f"make_shards: {e.filename or a.out}: {e.strerror or e}", file=sys.stderr)
         return 2

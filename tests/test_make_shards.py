@@ -578,3 +578,31 @@ def test_a_worker_killed_with_sigkill_ends_the_run_instead_of_hanging(sources, t
     assert proc.returncode == 1 and len(lines) == 1 and "a worker process died while making" in lines[0], err
     assert not os.path.exists(os.path.join(out, "dataset.json"))
     assert subprocess.run(cmd, capture_output=True, cwd=REPO).returncode == 0  # the rerun finishes
+
+
+def test_any_file_name_gives_keys_both_formats_take(tmp_path):
+    """Spaces broke the .idx lines (make_shards exited 0, then verify_shards and train failed), a name
+    over ~96 bytes crashed make_shards (ustar names hold 100), dots were refused. Every name now gets a
+    safe key, and the sample's .json keeps where it came from."""
+    root = str(tmp_path / "src")
+    make_sample_data.generate(root, "folder", classes=2, train_per_class=6, val_per_class=2, seed=3, quirks=False)
+    folder = os.path.join(root, "train", sorted(os.listdir(os.path.join(root, "train")))[0])
+    files = sorted(os.listdir(folder))
+    odd = ["my photo 1.JPEG", "a.b.c.JPEG", "x" * 150 + ".JPEG", "café crème.jpg", "n1_ok-plain.JPEG"]
+    for name, new in zip(files, odd):
+        os.rename(os.path.join(folder, name), os.path.join(folder, new))
+    out = str(tmp_path / "out")
+    assert build_shards(root, out, "--shard-samples", "4") == 0
+    assert verify_shards.verify(out) == []
+    keys = {json.loads(s["json"])["source"]: k for k, s in all_samples(out, "train")}
+    wnid = os.path.basename(folder)
+    for name in odd:
+        key = keys[os.path.join("train", wnid, name)]
+        assert len(key.encode()) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in key), key
+    assert keys[os.path.join("train", wnid, "n1_ok-plain.JPEG")] == "n1_ok-plain"  # plain stems stay as they are
+    assert len(set(keys.values())) == len(keys) == 12
+    from pipeline import make_loader
+    from tools import compute_pca
+    assert compute_pca.main([out, "--quiet"]) == 0
+    for backend in ("dali", "wds"):
+        assert sum(len(y) for _, y in make_loader(out, "train", batch_size=4, backend=backend, num_threads=2)) == 12

@@ -15,6 +15,7 @@ Layouts (docs/DESIGN.md):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -34,7 +35,7 @@ class SourceError(Exception):
 
 @dataclass(frozen=True, slots=True)  # slots: 1.28M of these stay small
 class SourceSample:
-    key: str     # file stem, unique within its split, no dots (the shard key)
+    key: str     # the shard key: the file stem made safe (shard_key), unique within its split
     wnid: str
     source: str  # where it came from, relative to SRC (tar members as tar/member)
     path: str    # the file that holds the bytes
@@ -104,6 +105,26 @@ def _stem(name: str) -> str:
     return base[: base.rfind(".")] if "." in base else base
 
 
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def shard_key(stem: str) -> str:
+    """A file stem as a sample key that both shard formats take whatever the name: the stem itself where
+    it is plain (every ILSVRC name is), else its plain characters and a hash of the whole stem.
+
+    A tar member name holds 100 bytes (ustar; the key plus '.json' must fit), DALI's index splits its
+    lines at spaces, and webdataset cuts the key at the first dot: 'my photo.v2' or a 150-byte name
+    would break one of them. The original path is kept in the sample's .json (`source`)."""
+    if SAFE_KEY.fullmatch(stem):
+        return stem
+    plain = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:40]
+    return f"{plain}-{hashlib.sha256(stem.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+
+def _key(name: str) -> str:
+    return shard_key(_stem(name))
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTS)
 
@@ -111,8 +132,6 @@ def _is_image(name: str) -> bool:
 def _check_keys(root: str, split: str, samples: list[SourceSample]) -> None:
     seen: dict[str, str] = {}
     for s in samples:
-        if "." in s.key or "/" in s.key or not s.key:
-            raise SourceError(f"{os.path.join(root, s.source)}: file stem {s.key!r} cannot be a shard key (no dots allowed)")
         if s.key in seen:
             raise SourceError(f"{os.path.join(root, s.source)}: same stem as {seen[s.key]} in split {split}")
         seen[s.key] = s.source
@@ -133,7 +152,7 @@ def _files_in(root: str, rel_dir: str, wnid: str | None) -> list[SourceSample]:
     names = sorted(n for n in os.listdir(d) if _is_image(n))
     if not names:
         raise SourceError(f"{d}: no images (empty class folder)")
-    return [SourceSample(_stem(n), wnid or "", os.path.join(rel_dir, n), os.path.join(d, n)) for n in names]
+    return [SourceSample(_key(n), wnid or "", os.path.join(rel_dir, n), os.path.join(d, n)) for n in names]
 
 
 def _read_folder(root: str, splits) -> Source:
@@ -190,13 +209,13 @@ def _read_kaggle(root: str, splits) -> Source:
                     raise SourceError(f"{solution}:{n + 1}: expected 'ImageId,PredictionString'")
                 truth[row[0]] = row[1].split()[0]
         samples = _files_in(root, os.path.join(KAGGLE_ROOT, "val"), None)
-        missing = [s.key for s in samples if s.key not in truth]
+        missing = [_stem(s.source) for s in samples if _stem(s.source) not in truth]
         if missing:
             raise SourceError(f"{solution}: no label for {len(missing)} val file(s), e.g. {missing[0]}")
         if len(truth) != len(samples):
-            extra = sorted(set(truth) - {s.key for s in samples})
+            extra = sorted(set(truth) - {_stem(s.source) for s in samples})
             raise SourceError(f"{solution}: {len(extra)} label(s) for val files that do not exist, e.g. {extra[0]}")
-        out["val"] = [SourceSample(s.key, truth[s.key], s.source, s.path) for s in samples]
+        out["val"] = [SourceSample(s.key, truth[_stem(s.source)], s.source, s.path) for s in samples]
     return Source(root, "kaggle", [(w, names[w]) for w in classes], out)
 
 
@@ -241,7 +260,7 @@ def _tar_members(path: str, source_prefix: str) -> list[SourceSample]:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
                 if m.isfile() and _is_image(m.name):
-                    out.append(SourceSample(_stem(m.name), "", f"{source_prefix}/{m.name}", path, m.offset_data, m.size))
+                    out.append(SourceSample(_key(m.name), "", f"{source_prefix}/{m.name}", path, m.offset_data, m.size))
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: unreadable tar ({e})") from None
     return out
@@ -270,7 +289,7 @@ def _read_tars(root: str, splits) -> Source:
                         for im in inner:
                             if im.isfile() and _is_image(im.name):
                                 members.append(SourceSample(
-                                    _stem(im.name), wnid, f"{TRAIN_TAR}/{m.name}/{im.name}",
+                                    _key(im.name), wnid, f"{TRAIN_TAR}/{m.name}/{im.name}",
                                     path, m.offset_data + im.offset_data, im.size))
                     if not members:
                         raise SourceError(f"{path}/{m.name}: no images (empty class)")
@@ -293,7 +312,7 @@ def _read_tars(root: str, splits) -> Source:
 
 
 def _val_number(s: SourceSample, path: str) -> int:
-    m = re.search(r"(\d+)$", s.key)
+    m = re.search(r"(\d+)$", _stem(s.source))
     if not m:
         raise SourceError(f"{path}/{s.source}: val file name has no ILSVRC2012_val_<number>")
     return int(m.group(1))

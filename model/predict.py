@@ -2,32 +2,42 @@
 
     python -m model.predict --checkpoint RUN/checkpoint.pt IMAGE [IMAGE ...]
 
-Each image gets make_shards' preprocessing (shorter side to 256, central 256
-square) and the evaluation's central 224 crop, normalized as the run was
-(the checkpoint carries its Normalization with the class names).
+Each image is prepared exactly as make_shards prepared the training images (the same
+function, pipeline/images.py, with the options of the shards the run was trained on,
+stored in the checkpoint: EXIF orientation applied, shorter side to 256, central square,
+re-encoded as a JPEG) and then cut to the evaluation's central 224 crop and normalized as
+the run was. So an image gives the same logits here as in model.evaluate's centre crop
+had it been in the validation set. An image that cannot be read is named on stderr and
+the others are still predicted; the exit status is then 1.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from model.evaluate import load_model
 from model.train import UsageError, parse_devices
+from pipeline.images import shard_image
 from pipeline.normalization import Normalization
 from pipeline.plan import crop
+from pipeline.shards import error_text
+
+SHARD_OPTIONS = ("size", "keep_aspect", "quality", "resample", "draft")  # of dataset.json's preprocessing
 
 
-def preprocess(path: str, norm: Normalization) -> torch.Tensor:
-    """An image file -> float32 [3, 224, 224], as the evaluation's centre crop sees a shard's image."""
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    img = np.asarray(img.resize((256, 256), Image.BICUBIC, box=box))  # as tools/make_shards.py does
+def preprocess(path: str, norm: Normalization, preprocessing: dict | None = None) -> torch.Tensor:
+    """An image file -> float32 [3, 224, 224], as the evaluation's centre crop sees the shard image
+    make_shards would make of it (`preprocessing`: dataset.json's, from the checkpoint)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    jpg, _ = shard_image(data, **{k: v for k, v in (preprocessing or {}).items() if k in SHARD_OPTIONS})
+    img = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
     return torch.from_numpy(norm.apply(crop(img, 0.5, 0.5, flip=False)))
 
 
@@ -45,25 +55,36 @@ def main(argv=None) -> int:
     try:
         device = parse_devices(a.devices)[0]
         model, ckpt = load_model(a.checkpoint, device)
-        batch = []
-        for path in a.images:
-            try:
-                batch.append(preprocess(path, ckpt["normalization"]))
-            except OSError as e:
-                raise UsageError(f"{path}: cannot read the image ({e})") from None
     except UsageError as e:
         print(f"predict: {e}", file=sys.stderr)
         return 2
-    with torch.no_grad():
-        probs = torch.cat([torch.softmax(model(torch.stack(batch[i:i + a.batch_size]).to(device)).float(), 1).cpu()
-                           for i in range(0, len(batch), a.batch_size)])
-    names = ckpt["classes"]
-    for path, pr in zip(a.images, probs):
-        values, indices = pr.topk(min(a.top, len(names)))
-        print(path)
-        for v, i in zip(values.tolist(), indices.tolist()):
-            print(f"  {100 * v:6.2f}%  {names[i]} ({ckpt['wnids'][i]})")
-    return 0
+    names, failed = ckpt["classes"], 0
+    # Batch by batch: memory stays at one batch whatever the number of images.
+    with tqdm(total=len(a.images), unit="img", file=sys.stderr, disable=len(a.images) <= a.batch_size,
+              mininterval=1.0, dynamic_ncols=True) as bar:
+        for start in range(0, len(a.images), a.batch_size):
+            paths, inputs = [], []
+            for path in a.images[start:start + a.batch_size]:
+                try:
+                    inputs.append(preprocess(path, ckpt["normalization"], ckpt.get("preprocessing")))
+                    paths.append(path)
+                except Exception as e:  # noqa: BLE001 - any unreadable file: named, the others go on
+                    bar.clear()
+                    print(f"predict: {path}: cannot read the image ({error_text(e)})", file=sys.stderr)
+                    failed += 1
+            bar.update(len(a.images[start:start + a.batch_size]))
+            if not inputs:
+                continue
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.stack(inputs).to(device)).float(), 1).cpu()
+            bar.clear()
+            for path, pr in zip(paths, probs):
+                values, indices = pr.topk(min(a.top, len(names)))
+                print(path)
+                for v, i in zip(values.tolist(), indices.tolist()):
+                    print(f"  {100 * v:6.2f}%  {names[i]} ({ckpt['wnids'][i]})")
+            sys.stdout.flush()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -635,6 +635,7 @@ def save_checkpoint(run: Run, epoch: int) -> None:
                  "classes": [c["name"] for c in manifest["classes"]],
                  "wnids": [c["wnid"] for c in manifest["classes"]],
                  "normalization": run.norm.as_dict(), "dataset": run.dataset, "stall_checked": run.stall_checked,
+                 "preprocessing": manifest["preprocessing"],  # predict prepares an image as make_shards did
                  "shards": os.path.abspath(run.cfg.shards)}
     ckpt["digest"] = checkpoint_digest(ckpt)
     save_atomic(ckpt, run.ckpt_path)

@@ -606,3 +606,38 @@ def test_any_file_name_gives_keys_both_formats_take(tmp_path):
     assert compute_pca.main([out, "--quiet"]) == 0
     for backend in ("dali", "wds"):
         assert sum(len(y) for _, y in make_loader(out, "train", batch_size=4, backend=backend, num_threads=2)) == 12
+
+
+def test_exif_orientation_and_16_bit_pngs_as_a_viewer_shows_them_in_shards_and_predict(tmp_path):
+    """A JPEG stored 300x200 (left half red, right half blue) with EXIF orientation 6 ('rotate 90
+    clockwise to show'): shown upright it is 200x300 with red on top, blue below. A 16-bit grayscale
+    PNG with halves at 10000 and 50000 of 65535: 8-bit values 10000*255/65535 = 38.9 and 194.5 (PIL's
+    convert("RGB") clipped both to 255). make_shards and predict must both see exactly that."""
+    from model.predict import preprocess
+    from pipeline.normalization import Normalization
+    root = str(tmp_path / "src")
+    make_sample_data.generate(root, "folder", classes=2, train_per_class=2, val_per_class=1, seed=4, quirks=False)
+    folder = os.path.join(root, "train", sorted(os.listdir(os.path.join(root, "train")))[0])
+    stored = np.zeros((200, 300, 3), np.uint8)
+    stored[:, :150] = (220, 20, 20)
+    stored[:, 150:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(os.path.join(folder, "exif6.JPEG"), quality=95, exif=exif.tobytes())
+    gray = np.zeros((200, 300), np.uint16)
+    gray[:, :150], gray[:, 150:] = 10000, 50000
+    Image.fromarray(gray).save(os.path.join(folder, "gray16.png"))
+    assert Image.open(os.path.join(folder, "gray16.png")).mode.startswith("I")  # a 16-bit PNG indeed
+    out = str(tmp_path / "out")
+    assert build_shards(root, out) == 0
+    shard = {json.loads(s["json"])["source"].rsplit("/", 1)[1]: np.asarray(Image.open(io.BytesIO(s["jpg"])))
+             for _, s in all_samples(out, "train")}
+    raw = Normalization(mode="none")
+    for name, pixels in (("exif6.JPEG", shard["exif6.JPEG"]), ("gray16.png", shard["gray16.png"])):
+        seen = preprocess(os.path.join(folder, name), raw).numpy().transpose(1, 2, 0)  # the centre 224
+        np.testing.assert_array_equal(seen, pixels[16:240, 16:240].astype(np.float32))  # the same pixels
+    upright = shard["exif6.JPEG"].astype(float)
+    assert np.abs(upright[:100, 100:156] - (220, 20, 20)).max() < 12   # top: red
+    assert np.abs(upright[156:, 100:156] - (20, 20, 220)).max() < 12   # bottom: blue
+    g = shard["gray16.png"].astype(float)  # the central square of 200x300 is columns 50-250: halves at 128
+    assert np.abs(g[:, :100] - 38.9).max() < 2 and np.abs(g[:, 156:] - 194.5).max() < 2

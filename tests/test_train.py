@@ -216,18 +216,18 @@ def test_stall_warning_on_console_and_in_metrics(tiny_shards, tmp_path, capsys):
 
 def test_train_evaluate_and_predict_give_the_same_logits(finished_run, tiny_shards, tmp_path):
     """One checkpoint, one validation image: the trainer's own val loader, model.evaluate's loader
-    and model.predict's preprocessing of the image as a file must give the same logits."""
+    and model.predict given the image's source file (which it prepares as make_shards did) must
+    give the same logits."""
     from conftest import tarfile_samples
     from pipeline import make_loader
     from pipeline.shards import load_manifest
     ckpt_path = os.path.join(finished_run, "checkpoint.pt")
     model, ckpt = evaluate.load_model(ckpt_path, "cpu")
-    first = load_manifest(tiny_shards)["splits"]["val"]["shards"][0]["file"]
-    _, sample = next(tarfile_samples(os.path.join(tiny_shards, first)))
-    image = str(tmp_path / "val0.jpg")
-    open(image, "wb").write(sample["jpg"])
+    manifest = load_manifest(tiny_shards)
+    _, sample = next(tarfile_samples(os.path.join(tiny_shards, manifest["splits"]["val"]["shards"][0]["file"])))
+    image = os.path.join(manifest["source"]["path"], json.loads(sample["json"])["source"])
     with torch.no_grad():
-        by_predict = model(predict.preprocess(image, ckpt["normalization"])[None])[0]
+        by_predict = model(predict.preprocess(image, ckpt["normalization"], ckpt["preprocessing"])[None])[0]
         x, _ = next(iter(make_loader(tiny_shards, "val", batch_size=4, normalization=ckpt["normalization"])))
         by_evaluate = model(x[:1])[0]
         cfg = train.config_from_args(run_args(tiny_shards, finished_run, "--epochs", "2", "--resume"))

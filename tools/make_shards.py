@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import io
 import json
-import math
 import os
 import sys
 import time
@@ -44,14 +42,13 @@ if __package__ in (None, ""):  # run as `python tools/make_shards.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from pipeline.images import RESAMPLE, shard_image
 from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, error_text, index_name,
                              pack_sample, sha256_file, shard_name)
 from tools.imagenet_source import LAYOUTS, Source, SourceError, SourceSample, open_source
 
-RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "box": Image.BOX}
 JOURNAL = "_progress.jsonl"
 
 
@@ -73,32 +70,10 @@ class ShardOptions:
 # ---------------------------------------------------------------- one image
 
 def process_image(data: bytes, opts: ShardOptions) -> tuple[bytes, tuple[int, int]]:
-    """Source bytes -> (RGB baseline JPEG bytes, original (w, h)). Raises on undecodable input."""
-    img = Image.open(io.BytesIO(data))
-    orig = img.size
-    w, h = orig
-    if img.format == "JPEG" and opts.draft:
-        # The decoder scales by 1/2, 1/4 or 1/8 in the DCT domain only while the
-        # result stays at least this size, so quality is kept and decode is faster.
-        scale = opts.size / min(w, h)
-        img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
-    img.load()  # decode now: truncated or corrupt files raise here
-    if img.mode != "RGB":  # CMYK, grayscale, palette and RGBA (PNG) sources
-        img = img.convert("RGB")
-    w, h = img.size
-    filt = RESAMPLE[opts.resample]
-    if opts.keep_aspect:
-        s = opts.size / min(w, h)
-        img = img.resize((max(opts.size, round(w * s)), max(opts.size, round(h * s))), filt)
-    else:
-        # Shorter side -> size, then the central size x size square: resize just the
-        # central square of the source (same geometry, fewer output pixels).
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        img = img.resize((opts.size, opts.size), filt, box=box)
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=opts.quality, progressive=False, optimize=False)
-    return out.getvalue(), orig
+    """Source bytes -> (RGB baseline JPEG bytes, original (w, h)). Raises on undecodable input.
+    pipeline/images.py does the work (predict calls it too, so both see an image alike)."""
+    return shard_image(data, size=opts.size, keep_aspect=opts.keep_aspect, quality=opts.quality,
+                       resample=opts.resample, draft=opts.draft)
 
 
 _worker_opts: ShardOptions | None = None

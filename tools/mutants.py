@@ -101,10 +101,28 @@ MUTANTS = (
     Mutant("ranks share a sample", "pipeline/plan.py", "return rank * per, (rank + 1) * per",
            "return rank * per, (rank + 1) * per + 1", (f"{P}::test_rank_orders_are_disjoint_exactly_once_and_reshuffled",)),
     # the shard writer
-    Mutant("crop box shifted one pixel", "tools/make_shards.py",
+    Mutant("crop box shifted one pixel", "pipeline/images.py",
            "box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)",
            "box = ((w - side) / 2 + 1, (h - side) / 2, (w + side) / 2 + 1, (h + side) / 2)",
            (f"{S}::test_resize_and_centre_crop_geometry_on_a_gradient",)),
+    Mutant("EXIF orientation ignored", "pipeline/images.py", "    if img.getexif().get(ORIENTATION, 1) != 1:",
+           "    if False:", (f"{S}::test_exif_orientation_and_16_bit_pngs_as_a_viewer_shows_them_in_shards_and_predict",)),
+    Mutant("16-bit PNGs clipped", "pipeline/images.py", '    if img.mode.startswith("I"):', "    if False:",
+           (f"{S}::test_exif_orientation_and_16_bit_pngs_as_a_viewer_shows_them_in_shards_and_predict",)),
+    Mutant("file names used as keys unchanged", "tools/imagenet_source.py", "    if SAFE_KEY.fullmatch(stem):",
+           "    if True:", (f"{S}::test_any_file_name_gives_keys_both_formats_take",)),
+    Mutant("journal blind to the source", "tools/make_shards.py",
+           '            if rec.get("plan") != plan_digests.get(name):', "            if False:",
+           (f"{S}::test_a_file_deleted_after_a_failed_run_is_never_mixed_in",)),
+    # shard integrity in the loaders
+    Mutant("loaders skip the sha256 check", "pipeline/loader.py",
+           "        if self.verifier is not None:\n            for shard", "        if False:\n            for shard",
+           (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
+    Mutant("DALI fed unverified shards", "pipeline/dali.py", "        self.verified(pairs)  # DALI never sees",
+           "        pass  # DALI never sees", (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
+    Mutant("wds batch leaves before its shards are verified", "pipeline/wds.py",
+           "            self.verified(order[k * bs:(k + 1) * bs])", "            self.verified(order[:0])",
+           (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
 )
 
 

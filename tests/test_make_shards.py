@@ -641,3 +641,11 @@ def test_exif_orientation_and_16_bit_pngs_as_a_viewer_shows_them_in_shards_and_p
     assert np.abs(upright[156:, 100:156] - (20, 20, 220)).max() < 12   # bottom: blue
     g = shard["gray16.png"].astype(float)  # the central square of 200x300 is columns 50-250: halves at 128
     assert np.abs(g[:, :100] - 38.9).max() < 2 and np.abs(g[:, 156:] - 194.5).max() < 2
+
+
+def test_verify_shards_shows_progress(made, capsys):
+    assert verify_shards.main([made["folder"]]) == 0
+    err = capsys.readouterr().err
+    assert "100%" in err and "img" in err  # the bar's last state: every sample checked
+    assert verify_shards.main([made["folder"], "--quiet"]) == 0
+    assert "%" not in capsys.readouterr().err

@@ -412,3 +412,19 @@ def test_a_relabelled_shard_stops_training_and_evaluation_with_one_line(finished
                           "--devices", "cpu"]) == 1
     err = messages(capsys.readouterr().err, "evaluate")
     assert len(err) == 1 and "val-000000.tar: sha256 differs from dataset.json" in err[0], err
+
+
+def test_predict_shows_progress_names_an_unreadable_image_and_predicts_the_rest(finished_run, tmp_path, capsys):
+    from PIL import Image
+    good = [str(tmp_path / f"{k}.png") for k in range(3)]
+    for k, path in enumerate(good):
+        Image.new("RGB", (260 + k, 240), (40 * k, 90, 200)).save(path)
+    bad = str(tmp_path / "bad.jpg")
+    open(bad, "wb").write(b"\xff\xd8\xff not really a jpeg")
+    ckpt = os.path.join(finished_run, "checkpoint.pt")
+    assert predict.main(["--checkpoint", ckpt, "--batch-size", "2", good[0], bad, *good[1:]]) == 1
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if not line.startswith(" ")] == good  # in order
+    lines = messages(captured.err, "predict")
+    assert len(lines) == 1 and lines[0].startswith(f"predict: {bad}: cannot read the image")
+    assert "100%" in captured.err and "4/4" in captured.err  # the progress bar, over every image

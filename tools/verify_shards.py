@@ -21,18 +21,21 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image
+from tqdm import tqdm
 
 from pipeline.shards import (MANIFEST, ShardError, index_text, iter_tar_samples, load_manifest, read_index,
                              split_shards)
 
 
-def verify(out: str, decode: bool = True) -> list[str]:
+def verify(out: str, decode: bool = True, progress: bool = False) -> list[str]:
     """Every problem found, one line each, naming the file; [] when the directory is sound."""
     try:
         manifest = load_manifest(out)
     except ShardError as e:
         return [str(e)]
     problems = []
+    total = sum(info["samples"] for info in manifest["splits"].values())
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     wnid_of = {c["index"]: c["wnid"] for c in manifest["classes"]}
     size = manifest["preprocessing"]["size"]
     keep_aspect = manifest["preprocessing"].get("keep_aspect", False)
@@ -44,6 +47,7 @@ def verify(out: str, decode: bool = True) -> list[str]:
             if not os.path.exists(path):
                 problems.append(f"{path}: missing")
                 continue
+            bar.set_postfix_str(shard["file"], refresh=False)
             with open(path, "rb") as f:
                 data = f.read()  # once, for the checksum, the index and the samples
             if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
@@ -54,6 +58,7 @@ def verify(out: str, decode: bool = True) -> list[str]:
                 n = 0
                 for key, sample in iter_tar_samples(path, data):
                     n += 1
+                    bar.update()
                     problems += _check_sample(path, key, sample, wnid_of, size, keep_aspect, decode)
                     if key in keys:
                         problems.append(f"{path}: key {key} appears twice in split {split}")
@@ -66,6 +71,7 @@ def verify(out: str, decode: bool = True) -> list[str]:
             count += n
         if count != info["samples"]:
             problems.append(f"{os.path.join(out, MANIFEST)}: split {split} has {count} samples, manifest says {info['samples']}")
+    bar.close()
     return problems
 
 
@@ -124,8 +130,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="shard directory")
     p.add_argument("--quick", action="store_true", help="skip decoding the JPEGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    problems = verify(a.out, decode=not a.quick)
+    problems = verify(a.out, decode=not a.quick, progress=not a.quiet)
     for line in problems:
         print(line)
     if problems:

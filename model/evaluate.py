@@ -19,7 +19,7 @@ import torch
 
 from model.alexnet import AlexNetConfig, build, load_canonical
 from model.train import UsageError, evaluate, load_checkpoint, parse_devices, percent, summarize
-from pipeline import make_loader
+from pipeline import BACKENDS, make_loader
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError
 
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--json {a.json}: its directory does not exist")  # before, not after, the work
         if a.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, not {a.batch_size}")
+        if a.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {a.backend!r}")
         device = parse_devices(a.devices)[0]
         model, ckpt = load_model(a.checkpoint, device)
         try:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical, named_canonical_parameters
 from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, resolve
 from model.recipes import field_help as _f
-from pipeline import make_loader
+from pipeline import BACKENDS, make_loader
 from pipeline.normalization import Normalization
 from pipeline.shards import MANIFEST, ShardError
 
@@ -81,6 +81,10 @@ class UsageError(Exception):
 
 class Diverged(Exception):
     """The training loss became non-finite: printed as one line, exit status 1."""
+
+
+class RunFailed(Exception):
+    """The run cannot go on (a full disk at a checkpoint, say): printed as one line, exit status 1."""
 
 
 # ---------------------------------------------------------------- schedule and optimizer (plain functions)
@@ -444,8 +448,10 @@ def resolve_recipe(cfg: TrainConfig) -> Recipe:
     try:
         recipe = resolve(cfg.recipe, cfg.overrides)
         recipe.validate()
-    except (KeyError, ValueError) as e:
-        raise UsageError(str(e).strip("'\"")) from None
+    except KeyError as e:  # str() of a KeyError is its argument's repr, quotes and all
+        raise UsageError(e.args[0]) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return recipe
 
 
@@ -484,6 +490,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise UsageError(f"--batch-size {recipe.batch_size} is not divisible across {world} ranks")
     if cfg.log_every < 1:
         raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
+    if cfg.backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
     if cfg.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -638,7 +646,12 @@ def save_checkpoint(run: Run, epoch: int) -> None:
                  "preprocessing": manifest["preprocessing"],  # predict prepares an image as make_shards did
                  "shards": os.path.abspath(run.cfg.shards)}
     ckpt["digest"] = checkpoint_digest(ckpt)
-    save_atomic(ckpt, run.ckpt_path)
+    try:
+        save_atomic(ckpt, run.ckpt_path)
+    except OSError as e:
+        kept = f"the one of step {run.saved_step} is kept" if run.saved_step is not None else "none was written"
+        raise RunFailed(f"{run.ckpt_path}: cannot write the checkpoint ({e.strerror or e}) at step {run.step}; "
+                        f"{kept}, and --resume continues from it") from None
     run.saved_step = run.step
 
 
@@ -821,8 +834,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
-    except (Diverged, ShardError) as e:  # a bad shard met mid-run: named, the last checkpoint kept
+    except (Diverged, ShardError, RunFailed) as e:  # a bad shard met mid-run: named, the last checkpoint kept
         print(f"train: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing the run directory mid-run (metrics, plot): one line, not a traceback
+        print(f"train: {e.filename or cfg.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ntrain: interrupted; --resume continues from the last checkpoint in {cfg.out}", file=sys.stderr)

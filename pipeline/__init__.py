@@ -13,6 +13,8 @@ a loader is made, so `import pipeline` costs nothing.
 """
 from __future__ import annotations
 
+BACKENDS = ("auto", "dali", "wds", "synthetic")
+
 
 def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, device: str = "cpu",
                 rank: int = 0, world_size: int = 1, seed: int = 0, crop: str | None = None,
@@ -57,4 +59,4 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
     if backend == "synthetic":
         from pipeline.synthetic import SyntheticLoader
         return SyntheticLoader(cfg)
-    raise ValueError(f"backend must be 'auto', 'dali', 'wds' or 'synthetic', not {backend!r}")
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

@@ -428,3 +428,67 @@ def test_predict_shows_progress_names_an_unreadable_image_and_predicts_the_rest(
     lines = messages(captured.err, "predict")
     assert len(lines) == 1 and lines[0].startswith(f"predict: {bad}: cannot read the image")
     assert "100%" in captured.err and "4/4" in captured.err  # the progress bar, over every image
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--init", "nope"], "--init must be one of paper, caffe, kaiming, not 'nope'"),
+    (["--lrn-convention", "alpha*n"], "--lrn-convention must be one of alpha/n, alpha, not 'alpha*n'"),
+    (["--lrn-layers", "some"], "--lrn-layers must be one of paper, all, not 'some'"),
+    (["--backend", "opencv"], "--backend must be one of auto, dali, wds, synthetic, not 'opencv'"),
+    (["--batch-size", "0"], "--batch-size must be > 0, not 0"),
+    (["--lr", "0"], "--lr must be > 0, not 0.0"),
+    (["--lr", "-0.01"], "--lr must be > 0, not -0.01"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), not 1.0"),
+    (["--dropout", "-0.5"], "--dropout must be in [0, 1), not -0.5"),
+    (["--epochs", "0"], "--epochs must be > 0, not 0"),
+    (["--recipe", "alexnet-v2"], "alexnet-v2"),
+    (["--out", "/sys/alexnet-run"], "/sys/alexnet-run: cannot write the run directory"),  # not writable, even by root
+])
+def test_bad_options_are_one_line_before_anything_is_written(tiny_shards, tmp_path, capsys, flags, needle):
+    out = str(tmp_path / "out")
+    assert train.main(run_args(tiny_shards, out, *flags)) == 2
+    err = messages(capsys.readouterr().err, "train")
+    assert len(err) == 1 and needle in err[0], err
+    assert not os.path.exists(out)
+
+
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_leaves_no_temporary_file(tiny_shards, tmp_path,
+                                                                                  capsys, monkeypatch):
+    """ENOSPC halfway through writing the checkpoint: before, a traceback and a checkpoint.pt.tmp-PID
+    of the checkpoint's size were left behind."""
+    out = str(tmp_path / "out")
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_save(obj, path)  # the first checkpoint goes through
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)  # part of it, then the disk is full
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    assert train.main(run_args(tiny_shards, out, "--epochs", "2", "--checkpoint-minutes", "0")) == 1
+    err = messages(capsys.readouterr().err, "train")
+    assert len(err) == 1 and "checkpoint.pt: cannot write the checkpoint (No space left on device) at step 2" \
+        in err[0] and "the one of step 1 is kept" in err[0], err
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert train.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_with_one_line_and_the_run_resumes(tiny_shards, tmp_path):
+    """Ctrl-C during training: exit 130, one line saying how to go on, no traceback; --resume finishes."""
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(_train_cmd(tiny_shards, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = messages(err, "train")
+    assert len(lines) == 1 and "interrupted; --resume continues from the last checkpoint" in lines[0], err
+    assert not os.path.exists(os.path.join(out, ".lock"))
+    assert subprocess.run(_train_cmd(tiny_shards, out) + ["--resume"], cwd=REPO, capture_output=True).returncode == 0

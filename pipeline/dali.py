@@ -90,6 +90,7 @@ class DaliLoader(ShardLoader):
         # Batches with lighting also take the recipe's training scale (normalization.py).
         self.shift, self.divisor = self.norm.shift_divisor(lit=cfg.lighting)
         self._maps: dict[int, mmap.mmap] = {}     # shard -> its bytes, mapped on first use
+        self._columns: dict[int, tuple] = {}      # shard -> _shard_columns
         self._it = None                           # the pipeline's iterator
         self._next_feed = (0, 0)                  # (epoch, batch) the feed serves next
         self._next_out = None                     # (epoch, batch) the iterator yields next
@@ -103,6 +104,28 @@ class DaliLoader(ShardLoader):
             except (OSError, ValueError) as e:
                 raise ShardError(f"{path}: cannot read ({e})") from None
         return self._maps[shard]
+
+    def _shard_columns(self, shard: int) -> tuple[list, list, list]:
+        """(.jpg offsets, .jpg sizes, labels) of a shard's samples, read from its (verified) bytes once,
+        so that the feed does a list lookup per sample. Each .jpg must open with the JPEG start marker:
+        nvJPEG has crashed the process on bytes that do not."""
+        if shard not in self._columns:
+            data, path = self._shard_bytes(shard), self.shards[shard]["path"]
+            offsets, sizes, classes = [], [], []
+            for entry in self.entries[shard]:
+                (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
+                if data[off:off + 3] != JPEG_SOI:
+                    raise ShardError(f"{path}: sample {entry.key}: .jpg is not a JPEG "
+                                     f"(starts {bytes(data[off:off + 3]).hex()}, not ffd8ff)")
+                try:
+                    classes.append(int(data[coff:coff + csize]))
+                except ValueError:
+                    raise ShardError(f"{path}: sample {entry.key}: .cls is not a class index "
+                                     f"({bytes(data[coff:coff + csize])[:20]!r})") from None
+                offsets.append(off)
+                sizes.append(size)
+            self._columns[shard] = (offsets, sizes, classes)
+        return self._columns[shard]
 
     def _order(self, epoch: int) -> np.ndarray:
         """The plan's order, kept for this epoch and the last: the epoch's iteration and the feed
@@ -119,20 +142,11 @@ class DaliLoader(ShardLoader):
         pairs = self._order(epoch)[k * bs:(k + 1) * bs]
         self._next_feed = (epoch, k + 1) if k + 1 < len(self) else (epoch + 1, 0)
         self.verified(pairs)  # DALI never sees a byte of a shard that does not match its sha256
-        jpgs, labels = [], []
-        for s, i in pairs:
-            entry, data = self.entries[s][i], self._shard_bytes(s)
-            (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
-            if data[off:off + 3] != JPEG_SOI:  # ~0.2 us; nvJPEG has crashed the process on such bytes
-                raise ShardError(f"{self.shards[s]['path']}: sample {entry.key}: .jpg is not a JPEG "
-                                 f"(starts {bytes(data[off:off + 3]).hex()}, not ffd8ff)")
-            jpgs.append(np.frombuffer(data, np.uint8, size, off))  # a view; DALI copies it
-            try:
-                labels.append(int(data[coff:coff + csize]))
-            except ValueError:
-                raise ShardError(f"{self.shards[s]['path']}: sample {entry.key}: .cls is not a class index "
-                                 f"({bytes(data[coff:coff + csize])[:20]!r})") from None
-        labels = np.array(labels, np.int64)
+        jpgs, labels = [], np.empty(len(pairs), np.int64)
+        for j, (s, i) in enumerate(pairs.tolist()):
+            data, (offsets, sizes, classes) = self._shard_bytes(s), self._shard_columns(s)
+            jpgs.append(np.frombuffer(data, np.uint8, sizes[i], offsets[i]))  # a view; DALI copies it
+            labels[j] = classes[i]
         if self.cfg.crop != "random":
             return jpgs, labels
         n = len(pairs)

@@ -231,18 +231,24 @@ def test_bad_input_one_line_error(sources, tmp_path, capsys, case):
         assert not os.path.exists(os.path.join(out, "dataset.json"))
 
 
+def _start_make_shards(root: str, out: str, workers: int, shard_samples: int, wait_for_shards: int):
+    """make_shards as a process, once it has written `wait_for_shards` train shards: (process, command)."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
+           "--workers", str(workers), "--shard-samples", str(shard_samples)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(glob.glob(os.path.join(out, "train-*.tar"))) < wait_for_shards:
+        time.sleep(0.02)
+    return proc, cmd
+
+
 @pytest.mark.slow
 def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(sources, tmp_path):
     root, _ = sources["folder"]
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
-           "--workers", "1", "--shard-samples", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(glob.glob(os.path.join(out, "train-*.tar"))) < 3:
-        time.sleep(0.02)
+    proc, cmd = _start_make_shards(root, out, workers=1, shard_samples=2, wait_for_shards=3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not os.path.exists(os.path.join(out, "dataset.json"))
     n_before = len(glob.glob(os.path.join(out, "train-*.tar")))
     assert 3 <= n_before < SMALL["classes"] * SMALL["train_per_class"] // 2, "kill came too late to test anything"
@@ -559,14 +565,8 @@ def test_a_worker_killed_with_sigkill_ends_the_run_instead_of_hanging(sources, t
     """multiprocessing.Pool replaced a killed worker and waited for its shard forever."""
     root, _ = sources["folder"]
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
-           "--workers", "2", "--shard-samples", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
-    deadline = time.time() + 60
-    while time.time() < deadline and len(glob.glob(os.path.join(out, "train-*.tar"))) < 2:
-        time.sleep(0.02)
-    workers = [int(p) for p in open(children).read().split()]
+    proc, cmd = _start_make_shards(root, out, workers=2, shard_samples=1, wait_for_shards=2)
+    workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
     assert workers, "no worker processes to kill"
     os.kill(workers[0], signal.SIGKILL)
     try:

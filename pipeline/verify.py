@@ -58,6 +58,7 @@ class ShardVerifier:
         self._closed = False
         self._current: int | None = None         # the shard being hashed
         self.hash_seconds = 0.0                  # time the thread spent hashing
+        self.hash_cpu_seconds = 0.0              # CPU time it used doing so (its own thread's)
         self.wait_seconds = 0.0                  # time readers spent waiting for it
 
     def schedule(self, shards) -> None:
@@ -113,10 +114,11 @@ class ShardVerifier:
                     self._thread = None
                     return
                 shard = self._current = self._pending.pop(0)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             problem = shard_problem(self._shards[shard])
             with self._cond:
                 self.hash_seconds += time.perf_counter() - t0
+                self.hash_cpu_seconds += time.thread_time() - c0
                 self._done[shard] = problem
                 self._current = None
                 self._unasked_done += shard not in self._asked

@@ -248,7 +248,10 @@ def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(sources, tmp
     out = str(tmp_path / "out")
     proc, cmd = _start_make_shards(root, out, workers=1, shard_samples=2, wait_for_shards=3)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    try:  # its output pipes close only when every worker is gone too
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("a worker outlived the killed make_shards (an orphan holding its pipes)") from None
     assert not os.path.exists(os.path.join(out, "dataset.json"))
     n_before = len(glob.glob(os.path.join(out, "train-*.tar")))
     assert 3 <= n_before < SMALL["classes"] * SMALL["train_per_class"] // 2, "kill came too late to test anything"

@@ -27,10 +27,12 @@ An image that cannot be decoded fails the run, naming every such file, unless
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -50,6 +52,7 @@ from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write
 from tools.imagenet_source import LAYOUTS, Source, SourceError, SourceSample, open_source
 
 JOURNAL = "_progress.jsonl"
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,21 @@ _worker_out: str = ""
 _worker_progress = None  # shared counter of images done, for the main process's progress bar
 
 
-def _init_worker(opts: ShardOptions, out: str, progress) -> None:
+def _init_worker(opts: ShardOptions, out: str, progress, parent: int) -> None:
     global _worker_opts, _worker_out, _worker_progress
     _worker_opts, _worker_out, _worker_progress = opts, out, progress
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this worker when the main process dies, however it dies (a SIGKILL
+    gives it no chance to stop its workers): no orphan goes on decoding and holding the output pipes."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers end when they next find the pool gone
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _encode_sample(sample: SourceSample, label: int):
@@ -248,7 +263,8 @@ class ShardRun:
         # SIGKILL, a crash in a decoder) the Pool replaces it and its shard's result never comes, so
         # the run hangs for good; the executor fails every pending shard at once instead.
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_init_worker, initargs=(self.opts, self.out, progress)) as pool, \
+                                 initializer=_init_worker,
+                                 initargs=(self.opts, self.out, progress, os.getpid())) as pool, \
                 ThreadPoolExecutor(1) as syncer:
             flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
             pending = {pool.submit(_make_shard, task): task[0] for task in todo}

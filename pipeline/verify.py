@@ -3,8 +3,9 @@
 A flipped byte in a JPEG or a relabelled `.cls` member gives no decoder error: it
 trains. So before a shard's samples leave a loader, its bytes are hashed and
 compared with the sha256 make_shards recorded. Hashing costs ~20 us per 256 px
-image (sha256 at ~1.5 GB/s, ~30 KB per image), about 6 % of the CPU pipeline's
-time per image: too much to do in line, so one background thread hashes the shards
+image (sha256 at ~1.2 GB per CPU second, 25-30 KB per image), 2.3-2.5 % of the CPU
+time of an epoch of the CPU pipeline (tools.bench pipeline): too much to do in the
+reader's line, so one background thread hashes the shards
 in the order the epoch will read them, a few shards ahead of the reader (on a
 data set larger than memory, a shard hashed far ahead would be read from disk
 twice; just ahead, the hash is what brings it into the page cache for the
@@ -64,7 +65,7 @@ class ShardVerifier:
     def schedule(self, shards) -> None:
         """Verify these shards (in the order a reader will first use them) before any other pending one."""
         with self._cond:
-            first = [int(s) for s in dict.fromkeys(int(s) for s in shards) if int(s) not in self._done]
+            first = [s for s in dict.fromkeys(int(s) for s in shards) if s not in self._done]
             chosen = set(first)
             self._pending = first + [s for s in self._pending if s not in chosen]
             self._start()

@@ -258,7 +258,8 @@ class ShardRun:
         # Each finished shard is flushed to disk by a thread of this (otherwise idle) process
         # while the workers go on: by the manifest, nothing is left to wait for. (One os.sync()
         # at the end cost ~1 % of a run here, and on a shared machine syncs everyone's files.)
-        # The pool first: its workers are forked before the syncer starts a thread.
+        # The pool's tasks first: the executor forks its workers at the first submit, and that must
+        # come before the syncer starts a thread (a fork copies no threads, only the locks they hold).
         # A ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (the OOM killer, a
         # SIGKILL, a crash in a decoder) the Pool replaces it and its shard's result never comes, so
         # the run hangs for good; the executor fails every pending shard at once instead.
@@ -266,8 +267,8 @@ class ShardRun:
                                  initializer=_init_worker,
                                  initargs=(self.opts, self.out, progress, os.getpid())) as pool, \
                 ThreadPoolExecutor(1) as syncer:
-            flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
             pending = {pool.submit(_make_shard, task): task[0] for task in todo}
+            flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
             while pending:
                 finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 bar.update(progress.value - bar.n)

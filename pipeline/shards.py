@@ -212,8 +212,14 @@ def load_manifest(shards_dir: str) -> dict:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ShardError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+    for key, kind in (("classes", list), ("splits", dict), ("preprocessing", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ShardError(f"{path}: no {key!r} {kind.__name__} (not written by make_shards, or damaged)")
+    if not isinstance(manifest["preprocessing"].get("size"), int):
+        raise ShardError(f"{path}: preprocessing has no image 'size' (not written by make_shards, or damaged)")
     return manifest
 
 
@@ -263,6 +269,20 @@ def iter_tar_files(data: bytes, path: str):
                              f"({name.decode(errors='replace')})")
         pos = start + size + (-size % TAR_BLOCK)
     raise ShardError(f"{path}: truncated: no end-of-archive block")
+
+
+def member_at(data, offset: int) -> tuple[str, int]:
+    """(name, size) from the ustar header just before the member data at `offset` of a shard's bytes:
+    what an index entry claims is checked against the (sha256-verified) tar, not trusted. ('', -1) if
+    no header is there."""
+    if offset < TAR_BLOCK or offset > len(data):
+        return "", -1
+    header = bytes(data[offset - TAR_BLOCK:offset])
+    try:
+        size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return "", -1
+    return header[:100].split(b"\0", 1)[0].decode(errors="replace"), size
 
 
 def iter_tar_samples(path: str, data: bytes | None = None):

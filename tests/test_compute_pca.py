@@ -189,3 +189,21 @@ def test_c_kernel_rejects_what_is_not_whole_pixels():
         compute_pca._rgbsums.sums_buffer(b"\0" * 12, 2)
     with pytest.raises(ValueError, match="not 4 x uint8"):
         compute_pca._rgbsums.sums_arrow(*Image.new("L", (4, 4)).__arrow_c_array__())
+
+
+def _killed_worker(task):
+    """A worker that dies as the OOM killer would end it."""
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_ends_the_run_in_one_line(shards, tmp_path, capsys, monkeypatch):
+    """It used to hang for good (multiprocessing.Pool waits for a result that never comes)."""
+    out = str(tmp_path / "s")
+    shutil.copytree(shards, out)
+    os.remove(os.path.join(out, "pca.json"))
+    monkeypatch.setattr(compute_pca, "shard_sums", _killed_worker)  # the forked workers inherit it
+    assert compute_pca.main([out, "--workers", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"compute_pca: {out}: a worker process died (killed: out of memory?); no pca.json written"]
+    assert not os.path.exists(os.path.join(out, "pca.json"))

@@ -162,6 +162,20 @@ def test_seed_changes_the_shuffle(sources, tmp_path):
     assert sorted(k1) == sorted(k2) and k1 != k2
 
 
+def _edit_devkit(root: str, member: str, edit) -> None:
+    """Rewrites the devkit tarball with edit(bytes) applied to the member whose name ends in `member`."""
+    dk = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
+    with tarfile.open(dk) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf}
+    name = next(n for n in members if n.endswith(member))
+    members[name] = edit(members[name])
+    with tarfile.open(dk, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
 def _copy_source(sources, tmp_path, layout="folder"):
     root = str(tmp_path / "src")
     shutil.copytree(sources[layout][0], root)
@@ -186,7 +200,8 @@ def test_truncated_image_fails_naming_it(sources, tmp_path, capsys):
     assert verify_shards.verify(out) == []
 
 
-@pytest.mark.parametrize("case", ["missing", "unknown", "empty_class", "kaggle_gt", "devkit_gt", "complete_out"])
+@pytest.mark.parametrize("case", ["missing", "unknown", "empty_class", "kaggle_gt", "devkit_gt", "complete_out",
+                                  "kaggle_conflict", "class_name", "fifo", "junk_meta"])
 def test_bad_input_one_line_error(sources, tmp_path, capsys, case):
     out = str(tmp_path / "out")
     if case == "missing":
@@ -207,17 +222,29 @@ def test_bad_input_one_line_error(sources, tmp_path, capsys, case):
         needle = "no label for 1 val file"
     elif case == "devkit_gt":
         root = _copy_source(sources, tmp_path, "tars")
-        dk = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
-        with tarfile.open(dk) as tf:
-            members = {m.name: tf.extractfile(m).read() for m in tf}
-        gt = "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"
-        members[gt] = b"\n".join(members[gt].split(b"\n")[:-3]) + b"\n"
-        with tarfile.open(dk, "w:gz") as tf:
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+        _edit_devkit(root, "data/ILSVRC2012_validation_ground_truth.txt",
+                     lambda gt: b"\n".join(gt.split(b"\n")[:-3]) + b"\n")
         needle = "validation ground truth has"
+    elif case == "kaggle_conflict":  # a second, different label for the same image used to win silently
+        root = _copy_source(sources, tmp_path, "kaggle")
+        csv_path = os.path.join(root, "LOC_val_solution.csv")
+        lines = open(csv_path).read().splitlines()
+        image, labels = lines[1].split(",")
+        other = next(ln.split(",")[1].split()[0] for ln in lines[2:] if ln.split(",")[1].split()[0] != labels.split()[0])
+        open(csv_path, "a").write(f"{image},{other} 1 2 3 4\n")
+        needle = f"LOC_val_solution.csv:{len(lines) + 1}: labels {image} {other}, but line 2 labelled it"
+    elif case == "class_name":  # 'cat' used to become a class
+        root = _copy_source(sources, tmp_path)
+        shutil.copytree(os.path.join(root, "train", "n91000000"), os.path.join(root, "train", "cat"))
+        needle = "train/cat: class folder name is not a WordNet id"
+    elif case == "fifo":  # a named pipe used to hang the run at 84 %
+        root = _copy_source(sources, tmp_path)
+        os.mkfifo(os.path.join(root, "train", "n91000001", "pipe.JPEG"))
+        needle = "pipe.JPEG: not a regular file"
+    elif case == "junk_meta":
+        root = _copy_source(sources, tmp_path, "tars")
+        _edit_devkit(root, "data/meta.mat", lambda meta: b"MATLAB 5.0 MAT-file" + bytes(range(256)) * 4)
+        needle = "data/meta.mat is not the devkit's synset table"
     else:
         root = sources["folder"][0]
         assert build_shards(root, out, "--splits", "val") == 0
@@ -283,6 +310,20 @@ def test_verify_reports_problems(made, tmp_path):
     assert any("train-000001.tar: size or sha256 differs" in p for p in problems)
     assert any("val-000000.idx: missing" in p for p in problems)
     assert verify_shards.verify(str(tmp_path / "nothing"))[0].endswith("no such shard directory")
+    # a shard path that is a directory: one line, no traceback
+    os.remove(os.path.join(out, "train-000002.tar"))
+    os.makedirs(os.path.join(out, "train-000002.tar"))
+    assert f"{out}/train-000002.tar: cannot read (Is a directory)" in verify_shards.verify(out)
+    # an empty split is a problem, not "OK"
+    m = json.load(open(os.path.join(out, "dataset.json")))
+    m["splits"]["val"] = {"samples": 0, "shards": []}
+    open(os.path.join(out, "dataset.json"), "w").write(json.dumps(m))
+    assert f"{out}/dataset.json: split val has no samples" in verify_shards.verify(out)
+    # a manifest without its preprocessing record: one line (it used to be a KeyError)
+    del m["preprocessing"]
+    open(os.path.join(out, "dataset.json"), "w").write(json.dumps(m))
+    assert verify_shards.verify(out) == [f"{out}/dataset.json: no 'preprocessing' dict (not written by make_shards, "
+                                         "or damaged)"]
 
 
 def test_source_reader_reads_tars_in_place(sources):
@@ -393,7 +434,7 @@ def test_write_error_is_one_line_and_leaves_no_manifest(sources, tmp_path, monke
     def failing(path):
         raise OSError(errno.EIO, "Input/output error", path)
     monkeypatch.setattr(make_shards, "fsync_file", failing)
-    assert build_shards(sources["folder"][0], out) == 2
+    assert build_shards(sources["folder"][0], out) == 1  # a fault, not a usage error (README: exit statuses)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"make_shards: {out}/") and err[-1].endswith("Input/output error"), err[-1]
     assert not os.path.exists(os.path.join(out, "dataset.json"))
@@ -470,7 +511,7 @@ def test_skipped_reasons_are_the_same_in_two_identical_runs(sources, tmp_path):
 def test_sizes_below_the_training_crop_and_non_empty_sample_dirs_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         make_shards.main([str(tmp_path), str(tmp_path / "out"), "--size", "200"])
-    assert e.value.code == 2 and "--size >= 224" in capsys.readouterr().err
+    assert e.value.code == 2 and "--size in 224..4096" in capsys.readouterr().err
     (tmp_path / "sample").mkdir()
     (tmp_path / "sample" / "x").write_text("mine")
     assert make_sample_data.main([str(tmp_path / "sample"), "--classes", "2"]) == 2
@@ -652,3 +693,123 @@ def test_verify_shards_shows_progress(made, capsys):
     assert "100%" in err and "img" in err  # the bar's last state: every sample checked
     assert verify_shards.main([made["folder"], "--quiet"]) == 0
     assert "%" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--splits", "train,train"], "--splits takes train, val or train,val (each once)"),
+    (["--seed", "-1"], "--seed must be in [0, 2^63), not -1"),
+    (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)"),
+    (["--size", "40000"], "--size in 224..4096"),
+])
+def test_bad_options_are_refused_before_out_exists(sources, tmp_path, capsys, flags, needle):
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        make_shards.main([sources["folder"][0], out, *flags])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_what_is_not_used_is_named_and_hidden_folders_are_no_classes(sources, tmp_path, capsys):
+    """.ipynb_checkpoints is no class; a .gif, a .txt and an image outside the class folders are
+    not used, and each is named in the summary and in dataset.json's `unused`."""
+    root = _copy_source(sources, tmp_path)
+    os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))
+    shutil.copy(os.path.join(root, "train", "n91000000", sorted(os.listdir(os.path.join(root, "train", "n91000000")))[0]),
+                os.path.join(root, "train", "stray.JPEG"))
+    open(os.path.join(root, "train", "n91000001", "anim.gif"), "wb").write(b"GIF89a")
+    open(os.path.join(root, "val", "n91000002", "notes.txt"), "w").write("x")
+    out = str(tmp_path / "out")
+    assert build_shards(root, out) == 0
+    m = load_manifest(out)
+    assert [c["wnid"] for c in m["classes"]] == [f"n9100000{i}" for i in range(SMALL["classes"])]
+    assert sorted(u["source"] for u in m["unused"]) == ["train/.ipynb_checkpoints", "train/n91000001/anim.gif",
+                                                         "train/stray.JPEG", "val/n91000002/notes.txt"]
+    assert "not used: 4 (listed in dataset.json's `unused`)" in capsys.readouterr().out
+    # and with --any-class-names, folder names of any kind are classes
+    for split in ("train", "val"):
+        os.rename(os.path.join(root, split, "n91000000"), os.path.join(root, split, "Bird Photos"))
+    out2 = str(tmp_path / "out2")
+    assert build_shards(root, out2, "--any-class-names") == 0
+    assert load_manifest(out2)["classes"][0]["wnid"] == "Bird Photos"
+
+
+def test_a_rerun_after_the_source_shrank_leaves_no_stale_shard(sources, tmp_path, capsys):
+    """An unfinished run made 3 train shards; the source then lost images, so the rerun makes 2: the
+    third is removed, and no train-*.tar is left that the manifest does not list."""
+    root = _copy_source(sources, tmp_path)
+    bad = os.path.join(root, "train", "n91000003", "n91000003_1007.JPEG")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2])
+    out = str(tmp_path / "out")
+    assert build_shards(root, out, "--shard-samples", "16") == 1  # fails, keeps the shards it made
+    before = sorted(glob.glob(os.path.join(out, "train-*.tar")))
+    for wnid in ("n91000003", "n91000004"):
+        shutil.rmtree(os.path.join(root, "train", wnid))
+        shutil.rmtree(os.path.join(root, "val", wnid))
+    assert build_shards(root, out, "--shard-samples", "16") == 0
+    listed = {s["file"] for s in load_manifest(out)["splits"]["train"]["shards"]}
+    on_disk = {os.path.basename(p) for p in glob.glob(os.path.join(out, "train-*.tar"))}
+    assert on_disk == listed == {"train-000000.tar", "train-000001.tar"}
+    assert os.path.join(out, "train-000002.tar") in before  # made by the first run, not by the second
+    assert {p[:-4] + ".idx" for p in on_disk} == {os.path.basename(p) for p in glob.glob(os.path.join(out, "train-*.idx"))}
+    assert "removed" in capsys.readouterr().err
+
+
+def test_a_split_with_no_images_is_an_error(sources, tmp_path, capsys):
+    """Every val image undecodable, --allow-skips: exit 1 and no dataset.json (it used to say 'val: 0
+    images' and exit 0)."""
+    root = _copy_source(sources, tmp_path)
+    for path in glob.glob(os.path.join(root, "val", "*", "*")):
+        open(path, "wb").write(b"not an image")
+    out = str(tmp_path / "out")
+    assert build_shards(root, out, "--allow-skips") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+    assert err == [f"make_shards: split val has no images ({SMALL['classes'] * SMALL['val_per_class']} skipped); "
+                   "no dataset.json written. Leave it out with --splits if that is what you want."]
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_the_rerun_finishes(sources, tmp_path):
+    root = _copy_source(sources, tmp_path)
+    out = str(tmp_path / "out")
+    proc, cmd = _start_make_shards(root, out, workers=2, shard_samples=2, wait_for_shards=1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "%|" not in ln and not ln.startswith("source:")]
+    assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert lines == [f"make_shards: interrupted; the shards finished are kept in {out}, and the same command "
+                     "finishes the job"], lines
+    assert subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=120).returncode == 0
+
+
+def test_a_file_changed_in_place_with_its_size_and_mtime_kept_needs_rehash(sources, tmp_path, capsys):
+    """Bytes rewritten in place, size and mtime put back (touch -r): by path, size and mtime nothing
+    changed, and the shard is kept (the documented choice); with --rehash on both runs, the contents
+    are compared and only that shard is made again, which then equals a fresh run's."""
+    root = _copy_source(sources, tmp_path)
+    bad_val = os.path.join(root, "val", "n91000001", sorted(os.listdir(os.path.join(root, "val", "n91000001")))[0])
+    original = _truncate(bad_val)
+    changed = os.path.join(root, "train", "n91000002", "n91000002_1014.JPEG")
+    for rehash in ([], ["--rehash"]):
+        out = str(tmp_path / f"out{len(rehash)}")
+        open(bad_val, "wb").write(original[: len(original) // 2])
+        assert build_shards(root, out, "--shard-samples", "4", *rehash) == 1  # fails in val; train is done
+        open(bad_val, "wb").write(original)
+        data, st = open(changed, "rb").read(), os.stat(changed)
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0x10  # inside the entropy-coded data: still a JPEG, other pixels
+        open(changed, "wb").write(bytes(flipped))
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+        capsys.readouterr()
+        assert build_shards(root, out, "--shard-samples", "4", *rehash) == 0
+        err = capsys.readouterr().err
+        if rehash:
+            assert "by content (--rehash)): 1 of its" in err
+            ref = str(tmp_path / "ref")
+            assert build_shards(root, ref, "--shard-samples", "4") == 0
+            _same_dirs(out, ref)
+        else:
+            assert "source changed" not in err  # kept: size and mtime say unchanged
+        open(changed, "wb").write(data)
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -27,6 +27,8 @@ import sys
 import time
 import multiprocessing
 import operator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,6 +149,10 @@ def pca_from_sums(sums) -> dict:
     }
 
 
+class WorkerDied(Exception):
+    """A worker process ended without its result; the message names OUT."""
+
+
 def compute(out: str, workers: int, max_images: int | None = None, progress: bool = True) -> dict:
     manifest = load_manifest(out)
     shards = split_shards(manifest, out, "train")
@@ -164,12 +170,23 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
     images, totals = 0, (0,) * len(SUMS)
     bar = tqdm(total=sum(t[2] for t in tasks), unit="img", desc="pca", disable=not progress, file=sys.stderr,
                mininterval=1.0, dynamic_ncols=True)
-    with multiprocessing.Pool(workers) as pool:
-        for r in pool.imap_unordered(shard_sums, tasks):
-            if r[0] == "error":
-                raise ShardError(r[1])
-            images, totals = images + r[0], tuple(map(operator.add, totals, r[1]))
-            bar.update(r[0])
+    # A ProcessPoolExecutor, not a multiprocessing.Pool: a worker killed (out of memory, SIGKILL) fails
+    # the run at once, where the Pool replaced it and waited for good for its shard's result.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(shard_sums, t) for t in tasks]
+        try:
+            for future in as_completed(futures):
+                r = future.result()
+                if r[0] == "error":
+                    raise ShardError(r[1])
+                images, totals = images + r[0], tuple(map(operator.add, totals, r[1]))
+                bar.update(r[0])
+        except BrokenProcessPool:
+            bar.close()
+            raise WorkerDied(f"{out}: a worker process died (killed: out of memory?); no {PCA_FILE} written") from None
+        finally:
+            for f in futures:
+                f.cancel()
     bar.close()
     if images == 0:
         raise ShardError(f"{os.path.join(out, MANIFEST)}: no training images to count")
@@ -213,6 +230,9 @@ def main(argv=None) -> int:
     except ShardError as e:
         print(f"compute_pca: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"compute_pca: {e}", file=sys.stderr)
+        return 1
     path = os.path.join(a.out, PCA_FILE)
     atomic_write(path, json.dumps(result, indent=1, sort_keys=True).encode() + b"\n")
     if not a.quiet:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Source:
     layout: str
     classes: list[tuple[str, str]]             # (wnid, name), sorted by wnid: index = position
     splits: dict[str, list[SourceSample]] = field(default_factory=dict)
+    unused: list[dict] = field(default_factory=list)  # {source, reason} of what the listing passed over
 
     def label(self, wnid: str) -> int:
         return self._index[wnid]
@@ -80,12 +82,31 @@ def detect_layout(root: str) -> str:
                       f"{KAGGLE_ROOT}/ (Kaggle), or {TRAIN_TAR} / {VAL_TAR} (original downloads)")
 
 
-def open_source(root: str, splits=("train", "val"), layout: str = "auto") -> Source:
+class _Listing:
+    """What a folder listing decides, and what it passes over (named in the summary and the manifest)."""
+
+    def __init__(self, root: str, any_class_names: bool):
+        self.root, self.any_class_names, self.unused = root, any_class_names, []
+
+    def skip(self, path: str, reason: str) -> None:
+        self.unused.append({"source": os.path.relpath(path, self.root), "reason": reason})
+
+
+_listing = _Listing("", False)  # the listing in progress (open_source sets it; the readers use it)
+
+
+def open_source(root: str, splits=("train", "val"), layout: str = "auto", any_class_names: bool = False) -> Source:
+    """The source's classes and samples. Class folders must be named by WordNet ids (n01440764)
+    unless any_class_names; hidden folders and files that are not images are passed over and
+    listed in `unused`; anything that is not a regular file (a pipe, a device) is refused."""
+    global _listing
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in LAYOUTS:
         raise SourceError(f"{root}: unknown layout {layout!r}")
     reader = {"folder": _read_folder, "kaggle": _read_kaggle, "tars": _read_tars}[layout]
+    _listing = _Listing(root, any_class_names)
     src = reader(root, tuple(splits))
+    src.unused = sorted({u["source"]: u for u in _listing.unused}.values(), key=lambda u: u["source"])  # listed once
     # One canonical order per split, whatever the layout, tar member order or file
     # system listing: the same images then give the same shards from any layout.
     if "train" in src.splits:
@@ -141,7 +162,18 @@ def _list_class_dirs(root: str, split_dir: str) -> list[str]:
     path = os.path.join(root, split_dir)
     if not os.path.isdir(path):
         raise SourceError(f"{path}: missing directory")
-    wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    wnids = []
+    for d in sorted(os.listdir(path)):
+        full = os.path.join(path, d)
+        if d.startswith("."):  # .ipynb_checkpoints, .DS_Store, .git: never a class
+            _listing.skip(full, "hidden, not a class")
+        elif not os.path.isdir(full):
+            _listing.skip(full, "not in a class folder")
+        elif WNID.match(d) or _listing.any_class_names:
+            wnids.append(d)
+        else:
+            raise SourceError(f"{full}: class folder name is not a WordNet id like n01440764 (pass "
+                              "--any-class-names to take folder names as classes)")
     if not wnids:
         raise SourceError(f"{path}: no class folders")
     return wnids
@@ -149,7 +181,17 @@ def _list_class_dirs(root: str, split_dir: str) -> list[str]:
 
 def _files_in(root: str, rel_dir: str, wnid: str | None) -> list[SourceSample]:
     d = os.path.join(root, rel_dir)
-    names = sorted(n for n in os.listdir(d) if _is_image(n))
+    names = []
+    for n in sorted(os.listdir(d)):
+        path = os.path.join(d, n)
+        if n.startswith("."):
+            _listing.skip(path, "hidden, not an image")
+        elif not _is_image(n):
+            _listing.skip(path, f"not an image make_shards reads ({', '.join(IMAGE_EXTS)})")
+        elif not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader for good
+            raise SourceError(f"{path}: not a regular file (a pipe, a device or a folder); remove it")
+        else:
+            names.append(n)
     if not names:
         raise SourceError(f"{d}: no images (empty class folder)")
     return [SourceSample(_key(n), wnid or "", os.path.join(rel_dir, n), os.path.join(d, n)) for n in names]
@@ -200,14 +242,19 @@ def _read_kaggle(root: str, splits) -> Source:
         solution = os.path.join(root, "LOC_val_solution.csv")
         if not os.path.exists(solution):
             raise SourceError(f"{solution}: missing (the Kaggle layout's validation labels)")
-        truth = {}
+        truth, line_of = {}, {}
         with open(solution, newline="") as f:
             for n, row in enumerate(csv.reader(f)):
                 if n == 0 or not row:
                     continue
                 if len(row) != 2 or not row[1].split():
                     raise SourceError(f"{solution}:{n + 1}: expected 'ImageId,PredictionString'")
-                truth[row[0]] = row[1].split()[0]
+                label = row[1].split()[0]
+                if truth.get(row[0], label) != label:
+                    raise SourceError(f"{solution}:{n + 1}: labels {row[0]} {label}, but line {line_of[row[0]]} "
+                                      f"labelled it {truth[row[0]]}")
+                truth[row[0]] = label
+                line_of.setdefault(row[0], n + 1)
         samples = _files_in(root, os.path.join(KAGGLE_ROOT, "val"), None)
         missing = [_stem(s.source) for s in samples if _stem(s.source) not in truth]
         if missing:
@@ -237,12 +284,16 @@ def _read_devkit(path: str) -> tuple[list[tuple[str, str]], dict[int, str], list
         raise SourceError(f"{path}: unreadable devkit archive ({e})") from None
     if meta is None or gt is None:
         raise SourceError(f"{path}: lacks data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt")
-    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
     id_to_wnid, names = {}, {}
-    for s in synsets:
-        if int(s["num_children"]) == 0:  # the leaves are the classification classes
-            id_to_wnid[int(s["ILSVRC2012_ID"])] = str(s["WNID"])
-            names[str(s["WNID"])] = str(s["words"])
+    try:
+        synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        for s in synsets:
+            if int(s["num_children"]) == 0:  # the leaves are the classification classes
+                id_to_wnid[int(s["ILSVRC2012_ID"])] = str(s["WNID"])
+                names[str(s["WNID"])] = str(s["words"])
+    except Exception as e:  # noqa: BLE001 - scipy raises many kinds on a damaged file: one answer
+        raise SourceError(f"{path}: data/meta.mat is not the devkit's synset table ({type(e).__name__}: "
+                          f"{str(e)[:80]})") from None
     try:
         gt_ids = [int(x) for x in gt.split()]
     except ValueError:

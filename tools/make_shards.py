@@ -32,9 +32,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -44,6 +46,7 @@ if __package__ in (None, ""):  # run as `python tools/make_shards.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.images import RESAMPLE, shard_image
@@ -67,7 +70,10 @@ class ShardOptions:
     seed: int = 0                # seed of the train split's global shuffle
     splits: tuple = ("train", "val")
     layout: str = "auto"
+    any_class_names: bool = False  # class folders named anything, not only WordNet ids
     allow_skips: bool = False    # list undecodable images in `skipped` instead of failing
+
+MAX_SIZE = 4096  # px: beyond it a re-encoded image is tens of MB and a 1,024-sample shard tens of GB
 
 
 # ---------------------------------------------------------------- one image
@@ -84,9 +90,13 @@ _worker_out: str = ""
 _worker_progress = None  # shared counter of images done, for the main process's progress bar
 
 
-def _init_worker(opts: ShardOptions, out: str, progress, parent: int) -> None:
-    global _worker_opts, _worker_out, _worker_progress
-    _worker_opts, _worker_out, _worker_progress = opts, out, progress
+_worker_rehash = False  # --rehash: digest the source bytes of each shard too
+
+
+def _init_worker(opts: ShardOptions, out: str, progress, parent: int, rehash: bool = False) -> None:
+    global _worker_opts, _worker_out, _worker_progress, _worker_rehash
+    _worker_opts, _worker_out, _worker_progress, _worker_rehash = opts, out, progress, rehash
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one line, not N tracebacks
     _die_with(parent)
 
 
@@ -101,10 +111,19 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _encode_sample(sample: SourceSample, label: int):
-    """Source sample -> (its packed tar members, None) or (None, the error). Never raises."""
+def _encode_sample(sample: SourceSample, label: int, content=None):
+    """Source sample -> (its packed tar members, None) or (None, the error). Never raises.
+    content: a hash that the source bytes are fed to (--rehash)."""
     try:
-        jpg, orig = process_image(sample.read(), _worker_opts)
+        data = sample.read()
+        if content is not None:
+            content.update(data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            jpg, orig = process_image(data, _worker_opts)
+        for w in caught:  # PIL's warning names no file: this one does
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                print(f"make_shards: {sample.source}: warning: {w.message}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per file
         return None, error_text(e)
     return pack_sample(sample.key, jpg, label, {"wnid": sample.wnid, "source": sample.source,
@@ -118,8 +137,9 @@ def _make_shard(task: tuple[str, list]) -> dict:
     process does no per-image work; a shard's bytes depend only on its samples."""
     name, items = task
     writer, skipped, failed, reported = ShardWriter(), [], [], 0
+    content = hashlib.sha256() if _worker_rehash else None
     for k, (sample, label) in enumerate(items, 1):
-        packed, err = _encode_sample(sample, label)
+        packed, err = _encode_sample(sample, label, content)
         if err is not None:
             (skipped if _worker_opts.allow_skips else failed).append({"source": sample.source, "reason": err})
         else:
@@ -130,7 +150,8 @@ def _make_shard(task: tuple[str, list]) -> dict:
             reported = k
     if failed:  # an incomplete shard is never written; the run fails at the end
         return {"name": name, "failed": failed}
-    return {"name": name, "shard": writer.finish(os.path.join(_worker_out, name)), "skipped": skipped}
+    return {"name": name, "shard": writer.finish(os.path.join(_worker_out, name)), "skipped": skipped,
+            "content": content.hexdigest() if content is not None else None}
 
 
 # ---------------------------------------------------------------- the run
@@ -149,8 +170,10 @@ class WorkerDied(Exception):
 
 
 class ShardRun:
-    def __init__(self, src: Source, out: str, opts: ShardOptions, workers: int, command: list[str]):
+    def __init__(self, src: Source, out: str, opts: ShardOptions, workers: int, command: list[str],
+                 rehash: bool = False):
         self.src, self.out, self.opts, self.workers, self.command = src, out, opts, workers, command
+        self.rehash = rehash  # compare the source files' contents with the journal's, not their size and mtime
         self.records: dict[str, list[dict]] = {}
         self.skipped: list[dict] = []
         self.failed: list[tuple[str, str]] = []
@@ -181,13 +204,19 @@ class ShardRun:
                     continue
                 raise SourceError(f"{self.journal_path}:{n}: not a journal line (edited or damaged); "
                                   f"remove {self.out} and run again") from None
-        if not records or records[0].get("options") != json.loads(json.dumps(header["options"])):
+        if not records or not isinstance(records[0], dict) or \
+                records[0].get("options") != json.loads(json.dumps(header["options"])):
             raise SourceError(f"{self.journal_path}: {self.out} holds an unfinished run with other options; "
                               "rerun that command, or remove the directory")
         done, changed = {}, 0
-        for rec in records[1:]:
-            name = rec["shard"]["file"]
-            if rec.get("plan") != plan_digests.get(name):
+        for n, rec in enumerate(records[1:], 2):
+            try:
+                name = rec["shard"]["file"]
+                int(rec["shard"]["bytes"]), str(rec["shard"]["sha256"])
+            except (TypeError, KeyError, ValueError):
+                raise SourceError(f"{self.journal_path}:{n}: not a journal record (edited or damaged); "
+                                  f"remove {self.out} and run again") from None
+            if rec.get("plan") != plan_digests.get(name) or (self.rehash and rec.get("content") != self._content(name)):
                 changed += 1  # the source no longer gives this shard's samples: made again
                 continue
             path = os.path.join(self.out, name)
@@ -195,12 +224,21 @@ class ShardRun:
                     and os.path.getsize(path) == rec["shard"]["bytes"] and sha256_file(path) == rec["shard"]["sha256"]):
                 done[name] = rec
         if changed:
-            print(f"make_shards: the source changed since the unfinished run in {self.out}: {changed} of its "
+            how = "by content (--rehash)" if self.rehash else "by path, size and modification time; --rehash compares contents"
+            print(f"make_shards: the source changed since the unfinished run in {self.out} ({how}): {changed} of its "
                   f"{len(records) - 1} shards no longer match it and are made again", file=sys.stderr)
         # The journal from here on holds only what is kept, so no stale or half line is ever read again.
         atomic_write(self.journal_path, "".join(json.dumps(r, sort_keys=True) + "\n"
                                                 for r in [records[0], *done.values()]).encode())
         return done
+
+    def _content(self, name: str) -> str:
+        """sha256 over the source bytes of one planned shard's samples, in order (what a --rehash
+        worker records while it makes the shard)."""
+        h = hashlib.sha256()
+        for sample, _ in self._items[name]:
+            h.update(sample.read())
+        return h.hexdigest()
 
     def _plan(self) -> list[tuple[str, str, np.ndarray]]:
         """(split, shard file, sample indices) for every shard of the run."""
@@ -246,12 +284,12 @@ class ShardRun:
             digests = self._plan_digests(plan)
         except OSError as e:  # a source file gone between listing and now
             raise SourceError(f"{e.filename}: cannot read ({e.strerror})") from None
+        self._items = {name: [(self.src.splits[split][i], self.src.label(self.src.splits[split][i].wnid)) for i in idx]
+                       for split, name, idx in plan}
         done = self._load_journal(digests)
-        todo = [(name, [(self.src.splits[split][i], self.src.label(self.src.splits[split][i].wnid)) for i in idx])
-                for split, name, idx in plan if name not in done]
+        todo = [(name, self._items[name]) for _, name, _ in plan if name not in done]
         records = {name: done[name] for _, name, _ in plan if name in done}
         t0 = time.time()
-        made = 0  # images made by this run (not kept from an earlier one): the rate counts these
         progress = multiprocessing.Value("q", 0)
         bar = tqdm(total=sum(len(items) for _, items in todo), unit="img", dynamic_ncols=True, mininterval=1.0,
                    file=sys.stderr)
@@ -265,31 +303,18 @@ class ShardRun:
         # the run hangs for good; the executor fails every pending shard at once instead.
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_init_worker,
-                                 initargs=(self.opts, self.out, progress, os.getpid())) as pool, \
+                                 initargs=(self.opts, self.out, progress, os.getpid(), self.rehash)) as pool, \
                 ThreadPoolExecutor(1) as syncer:
             pending = {pool.submit(_make_shard, task): task[0] for task in todo}
             flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
-            while pending:
-                finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                bar.update(progress.value - bar.n)
-                for future in finished:
-                    name = pending.pop(future)
-                    try:
-                        res = future.result()
-                    except BrokenProcessPool:
-                        bar.close()
-                        raise WorkerDied(f"{self.out}: a worker process died while making {name} (killed: out "
-                                         f"of memory?); the {len(records)} shards finished are kept and "
-                                         "the same command finishes the job") from None
-                    if "failed" in res:
-                        self.failed += [(f["source"], f["reason"]) for f in res["failed"]]
-                        continue
-                    flushed.append(syncer.submit(self._flush, res["name"]))
-                    rec = {"shard": res["shard"], "skipped": res["skipped"], "plan": digests[res["name"]]}
-                    with open(self.journal_path, "a") as f:
-                        f.write(json.dumps(rec, sort_keys=True) + "\n")
-                    records[res["name"]] = rec
-                    made += res["shard"]["samples"]
+            try:
+                made = self._collect(pending, records, digests, syncer, flushed, bar, progress)
+            except KeyboardInterrupt:  # the workers ignore SIGINT: stop them now, not after their shards
+                bar.close()
+                for process in list(getattr(pool, "_processes", {}).values()):  # no public way to kill them
+                    process.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         bar.update(progress.value - bar.n)
         bar.close()
         for f in flushed:  # every shard on disk before the manifest says the directory is complete
@@ -305,9 +330,42 @@ class ShardRun:
             print(f"make_shards: {len(self.failed)} undecodable image(s); no dataset.json written. "
                   "Rerun with --allow-skips to list them in the manifest's `skipped` and go on.", file=sys.stderr)
             return 1
+        empty = [split for split in self.opts.splits if not sum(r["samples"] for r in self.records[split])]
+        if empty:
+            print(f"make_shards: split {empty[0]} has no images ({len(self.skipped)} skipped); no dataset.json "
+                  f"written. Leave it out with --splits if that is what you want.", file=sys.stderr)
+            return 1
         self._write_manifest()
         self._summary(elapsed, made)
         return 0
+
+    def _collect(self, pending, records, digests, syncer, flushed, bar, progress) -> int:
+        """Waits for the shards, journals each as it is done, and schedules its flush; returns the
+        number of images made."""
+        made = 0
+        while pending:
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            bar.update(progress.value - bar.n)
+            for future in finished:
+                name = pending.pop(future)
+                try:
+                    res = future.result()
+                except BrokenProcessPool:
+                    bar.close()
+                    raise WorkerDied(f"{self.out}: a worker process died while making {name} (killed: out "
+                                     f"of memory?); the {len(records)} shards finished are kept and "
+                                     "the same command finishes the job") from None
+                if "failed" in res:
+                    self.failed += [(f["source"], f["reason"]) for f in res["failed"]]
+                    continue
+                flushed.append(syncer.submit(self._flush, res["name"]))
+                rec = {"shard": res["shard"], "skipped": res["skipped"], "plan": digests[res["name"]],
+                       "content": res["content"]}
+                with open(self.journal_path, "a") as f:
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+                records[res["name"]] = rec
+                made += res["shard"]["samples"]
+        return made
 
     def _flush(self, name: str) -> None:
         tar = os.path.join(self.out, name)
@@ -328,11 +386,26 @@ class ShardRun:
             "options": asdict(self.opts),
             "source": {"layout": self.src.layout, "path": self.src.root},
             "skipped": sorted(self.skipped, key=lambda s: s["source"]),
+            "unused": self.src.unused,
             "command": self.command,
         }
+        self._remove_stale(manifest)
         fsync_file(self.out)  # the shards' renames (directory entries) too
         atomic_write(os.path.join(self.out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         os.remove(self.journal_path)
+
+    def _remove_stale(self, manifest: dict) -> None:
+        """Shards (and their .idx) of an earlier run that this manifest does not list: a source that
+        shrank leaves a last shard or two behind, which a consumer that globs train-*.tar would read."""
+        listed = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
+        listed |= {index_name(f) for f in listed}
+        stale = sorted(f for split in ("train", "val") for f in os.listdir(self.out)
+                       if re.fullmatch(rf"{split}-\d{{6}}\.(tar|idx)", f) and f not in listed)
+        for f in stale:
+            os.remove(os.path.join(self.out, f))
+        if stale:
+            print(f"make_shards: removed {len(stale)} file(s) of an earlier run that this one does not make: "
+                  f"{', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}", file=sys.stderr)
 
     def _summary(self, elapsed: float, made: int) -> None:
         total = 0
@@ -342,6 +415,9 @@ class ShardRun:
             mb = sum(r["bytes"] for r in recs) / 1e6
             print(f"{split:5s}: {n} images in {len(recs)} shards, {mb:.1f} MB")
         print(f"skipped: {len(self.skipped)}" + (" (listed in dataset.json)" if self.skipped else ""))
+        unused = self.src.unused
+        print(f"not used: {len(unused)}" + (" (listed in dataset.json's `unused`): " + "; ".join(
+            f"{u['source']} ({u['reason']})" for u in unused[:3]) + (" ..." if len(unused) > 3 else "") if unused else ""))
         kept = f", {total - made} kept from the unfinished run" if made < total else ""
         print(f"done in {elapsed:.1f} s: {made} images made ({made / max(elapsed, 1e-9):.0f} img/s){kept} "
               f"-> {os.path.join(self.out, MANIFEST)}")
@@ -370,16 +446,23 @@ def parse_args(argv):
     p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size before resizing")
     p.add_argument("--seed", type=int, default=d.seed, help="train shuffle seed (default: 0)")
     p.add_argument("--allow-skips", action="store_true", help="list undecodable images in dataset.json and go on")
+    p.add_argument("--rehash", action="store_true",
+                   help="on a rerun, keep a shard only if its source files' contents are unchanged (hashes them: "
+                        "reads the source twice); by default a file counts as unchanged by path, size and mtime")
+    p.add_argument("--any-class-names", action="store_true",
+                   help="take class folders of any name as classes (default: WordNet ids like n01440764 only)")
     a = p.parse_args(argv)
     splits = tuple(s for s in a.splits.split(",") if s)
-    if not splits or any(s not in ("train", "val") for s in splits):
-        p.error("--splits takes train, val or train,val")
-    if a.workers < 1 or a.shard_samples < 1 or a.size < 224 or not 1 <= a.quality <= 100:
-        p.error("--workers and --shard-samples must be >= 1, --size >= 224 (the training crop), "
+    if not splits or any(s not in ("train", "val") for s in splits) or len(set(splits)) != len(splits):
+        p.error(f"--splits takes train, val or train,val (each once), not {a.splits!r}")
+    if a.workers < 1 or a.shard_samples < 1 or not 224 <= a.size <= MAX_SIZE or not 1 <= a.quality <= 100:
+        p.error(f"--workers and --shard-samples must be >= 1, --size in 224..{MAX_SIZE} (224: the training crop), "
                 "--quality in 1..100")
+    if not 0 <= a.seed < 2 ** 63:
+        p.error(f"--seed must be in [0, 2^63), not {a.seed}")
     opts = ShardOptions(size=a.size, keep_aspect=a.keep_aspect, quality=a.quality, resample=a.resample,
                         draft=not a.no_draft, shard_samples=a.shard_samples, seed=a.seed, splits=splits,
-                        layout=a.layout, allow_skips=a.allow_skips)
+                        layout=a.layout, any_class_names=a.any_class_names, allow_skips=a.allow_skips)
     return a, opts
 
 
@@ -389,6 +472,7 @@ def canonical_command(src: str, opts: ShardOptions) -> list[str]:
            "--shard-samples", str(opts.shard_samples), "--size", str(opts.size), "--quality", str(opts.quality),
            "--resample", opts.resample, "--seed", str(opts.seed)]
     cmd += ["--keep-aspect"] * opts.keep_aspect + ["--no-draft"] * (not opts.draft)
+    cmd += ["--any-class-names"] * opts.any_class_names
     return cmd + ["--allow-skips"] * opts.allow_skips
 
 
@@ -399,19 +483,23 @@ def main(argv: list[str] | None = None) -> int:
               "choose another OUT or remove it", file=sys.stderr)
         return 2
     try:
-        src = open_source(a.src, opts.splits, opts.layout)
+        src = open_source(a.src, opts.splits, opts.layout, opts.any_class_names)
         print(f"source: {a.src} ({src.layout} layout), {len(src.classes)} classes, "
               + ", ".join(f"{s} {len(v)} images" for s, v in src.splits.items()), file=sys.stderr)
-        return ShardRun(src, a.out, opts, a.workers, canonical_command(a.src, opts)).run()
+        return ShardRun(src, a.out, opts, a.workers, canonical_command(a.src, opts), rehash=a.rehash).run()
     except SourceError as e:
         print(f"make_shards: {e}", file=sys.stderr)
         return 2
     except WorkerDied as e:
         print(f"make_shards: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # writing OUT: disk full, no permission, an I/O error while flushing
+    except OSError as e:  # writing OUT: disk full, no permission, an I/O error while flushing: a fault, not usage
         print(f"make_shards: {e.filename or a.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nmake_shards: interrupted; the shards finished are kept in {a.out}, and the same command "
+              "finishes the job", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

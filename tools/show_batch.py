@@ -13,6 +13,7 @@ normalization is the recipe's (pca.json + --recipe), or a checkpoint's with
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import replace
@@ -21,7 +22,7 @@ import numpy as np
 
 from pipeline import make_loader, plan
 from pipeline.normalization import Normalization
-from pipeline.shards import ShardError
+from pipeline.shards import ShardError, load_manifest
 
 
 def batch_tiles(shards: str, split: str = "train", crop: str = "random", batch_size: int = 16,
@@ -100,10 +101,15 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", help="dali, wds or auto")
     a = p.parse_args(argv)
     crop = a.crop or ("random" if a.split == "train" else "center")
-    if a.batch_size < 1 or a.exaggerate < 0:
-        p.error("--batch-size must be >= 1 and --exaggerate >= 0")
+    if not 1 <= a.batch_size <= 1024 or not (math.isfinite(a.exaggerate) and a.exaggerate >= 0):
+        p.error("--batch-size must be in 1..1024 and --exaggerate a finite number >= 0")
+    if not 0 <= a.seed < 2 ** 63:
+        p.error(f"--seed must be in [0, 2^63), not {a.seed}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.out))) or os.path.isdir(a.out):
+        p.error(f"{a.out}: its directory does not exist, or it is a directory (checked before drawing)")
     lighting = RECIPES[a.recipe].lighting
     try:
+        load_manifest(a.shards)  # "no such shard directory" before any advice about pca.json
         if a.checkpoint:
             from model.evaluate import load_model
             from model.train import UsageError

@@ -48,8 +48,12 @@ def verify(out: str, decode: bool = True, progress: bool = False) -> list[str]:
                 problems.append(f"{path}: missing")
                 continue
             bar.set_postfix_str(shard["file"], refresh=False)
-            with open(path, "rb") as f:
-                data = f.read()  # once, for the checksum, the index and the samples
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()  # once, for the checksum, the index and the samples
+            except OSError as e:  # a directory, no permission, an I/O error
+                problems.append(f"{path}: cannot read ({e.strerror})")
+                continue
             if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{path}: size or sha256 differs from {MANIFEST}")
                 continue
@@ -71,6 +75,8 @@ def verify(out: str, decode: bool = True, progress: bool = False) -> list[str]:
             count += n
         if count != info["samples"]:
             problems.append(f"{os.path.join(out, MANIFEST)}: split {split} has {count} samples, manifest says {info['samples']}")
+        elif info["samples"] == 0:
+            problems.append(f"{os.path.join(out, MANIFEST)}: split {split} has no samples")
     bar.close()
     return problems
 

@@ -33,6 +33,13 @@ ONE_BIASES = ("conv2", "conv4", "conv5", "fc6", "fc7")  # paper, section 5: bias
 # Caffe's bvlc_alexnet (BVLC/caffe models/bvlc_alexnet/train_val.prototxt): the same layers' biases at 0.1,
 # because 1 gave a flat loss there; fc6 and fc7 weights N(0, 0.005), every other weight N(0, 0.01).
 CAFFE_BIAS, CAFFE_FC_STD = 0.1, 0.005
+# The authors' released config (cuda-convnet2 layers/layers-223-1gpu.cfg): initW=0.03 in conv3, conv4 and
+# conv5, 0.01 elsewhere, the biases of 1 where the paper has them. (Its fc1000 initB=-7 adds one constant
+# to every logit, which the softmax ignores: left at 0 here.)
+INIT_STD = {"paper": {}, "cuda-convnet2": {"conv3": 0.03, "conv4": 0.03, "conv5": 0.03},
+            "caffe": {"fc6": CAFFE_FC_STD, "fc7": CAFFE_FC_STD}, "kaiming": {}}  # layer -> std where not 0.01
+INIT_BIAS = {"paper": 1.0, "cuda-convnet2": 1.0, "caffe": CAFFE_BIAS, "kaiming": 0.0}  # in ONE_BIASES
+INITS = tuple(INIT_BIAS)
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,13 @@ class AlexNetConfig:
                                      # "alpha": k + alpha * sum(a^2), the paper's printed formula (section 3.3)
     lrn_k: float = 2.0               # the paper's k (section 3.3; minDiv=2 in cuda-convnet2); Caffe's default is 1
     dropout: float = 0.5             # in fc6 and fc7 (section 4.2)
-    init: str = "paper"              # "paper": N(0, 0.01) weights, some biases 1 (section 5); "caffe": bvlc_alexnet's;
-                                     # "kaiming": He-normal weights, zero biases
+    init: str = "cuda-convnet2"      # the authors' released config (conv3-5 N(0, 0.03)), which learns at batch 128;
+                                     # "paper": N(0, 0.01) weights, some biases 1 (section 5), which does not;
+                                     # "caffe": bvlc_alexnet's; "kaiming": He-normal weights, zero biases
 
     def __post_init__(self):
         checks = {"lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
-                  "init": ("paper", "caffe", "kaiming")}
+                  "init": INITS}
         for field, allowed in checks.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, not {getattr(self, field)!r}")
@@ -85,7 +93,8 @@ def conv_block(x: torch.Tensor, conv: nn.Module, lrn, name: str, lrn_after: set[
 
 def init_weights(model: nn.Module, cfg: AlexNetConfig) -> None:
     """Paper (section 5): weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
-    "caffe": biases 0.1 there and fc6/fc7 weights N(0, 0.005). "kaiming": He-normal, biases 0."""
+    "cuda-convnet2": conv3-5 weights N(0, 0.03). "caffe": biases 0.1 and fc6/fc7 weights N(0, 0.005).
+    "kaiming": He-normal, biases 0."""
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
             continue
@@ -93,10 +102,8 @@ def init_weights(model: nn.Module, cfg: AlexNetConfig) -> None:
         if cfg.init == "kaiming" and layer != "fc8":
             nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
         else:
-            std = CAFFE_FC_STD if (cfg.init == "caffe" and layer in ("fc6", "fc7")) else 0.01
-            nn.init.normal_(mod.weight, 0.0, std)
-        bias = {"paper": 1.0, "caffe": CAFFE_BIAS, "kaiming": 0.0}[cfg.init] if layer in ONE_BIASES else 0.0
-        nn.init.constant_(mod.bias, bias)
+            nn.init.normal_(mod.weight, 0.0, INIT_STD[cfg.init].get(layer, 0.01))
+        nn.init.constant_(mod.bias, INIT_BIAS[cfg.init] if layer in ONE_BIASES else 0.0)
 
 
 class AlexNet(nn.Module):
@@ -134,12 +141,15 @@ class AlexNet(nn.Module):
             x = conv_block(x, getattr(self, name), self.half_lrn, name, self.lrn_after)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """fc7's output after ReLU (and dropout in training): the 4096-d 'last hidden layer' of section 6.1."""
         x = torch.flatten(self.features(x), 1)
         p = self.cfg.dropout
         x = F.dropout(F.relu(self.fc6(x), inplace=True), p, self.training)
-        x = F.dropout(F.relu(self.fc7(x), inplace=True), p, self.training)
-        return self.fc8(x)
+        return F.dropout(F.relu(self.fc7(x), inplace=True), p, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self.hidden(x))
 
 
 class AlexNetHalf(nn.Module):
@@ -183,7 +193,10 @@ class TwoDeviceAlexNet(nn.Module):
     def _conv(self, name: str, xs):
         return [conv_block(x, getattr(half, name), half.lrn, name, self.lrn_after) for half, x in zip(self.halves, xs)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _hidden_both(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """fc7's whole output (both halves' units), once on each device."""
+        if torch.is_autocast_enabled(x.device.type):  # conv1 would cast it anyway: copy half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         xs = [x.to(d, non_blocking=True) for d in self.devices]
         xs = self._conv("conv2", self._conv("conv1", xs))
         xs = self._conv("conv3", self._both(*xs))
@@ -194,7 +207,14 @@ class TwoDeviceAlexNet(nn.Module):
             xs = [F.dropout(F.relu(getattr(h, layer)(t), inplace=True), p, self.training)
                   for h, t in zip(self.halves, xs)]
             xs = self._both(*xs)
-        a, b = (h.fc8(t) for h, t in zip(self.halves, xs))
+        return xs
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """fc7's output after ReLU, on devices[0] (AlexNet.hidden)."""
+        return self._hidden_both(x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = (h.fc8(t) for h, t in zip(self.halves, self._hidden_both(x)))
         return torch.cat([a, b.to(self.devices[0])], 1)
 
     # -- the canonical (grouped) parameter format ---------------------------
@@ -263,3 +283,17 @@ def named_canonical_parameters(model: nn.Module) -> list[tuple[str, list[torch.n
         p0, p1 = dict(model.halves[0].named_parameters()), dict(model.halves[1].named_parameters())
         return [(k, [p0[k], p1[k]]) for k in p0]
     return [(k, [p]) for k, p in model.named_parameters()]
+
+
+@torch.no_grad()
+def fc7_dead_share(model: nn.Module, images: torch.Tensor) -> float:
+    """The share of fc7's units that output 0 for every one of `images` (eval mode): a dead ReLU gets
+    no gradient, so a net whose fc7 is mostly dead can learn little more than the class prior."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        h = model.hidden(images)
+    finally:
+        model.train(was_training)
+    return (h.amax(0) <= 0).float().mean().item()

@@ -39,6 +39,18 @@ def load_model(path: str, device: str):
     return model.eval(), ckpt
 
 
+def check_classes(path: str, ckpt: dict, manifest: dict, shards: str) -> None:
+    """UsageError unless the shards' classes are the checkpoint's, wnid for wnid and in the same order
+    (the same count is not enough: a renamed class folder gives the same count)."""
+    wnids = [c["wnid"] for c in manifest["classes"]]
+    if ckpt["num_classes"] != len(wnids):
+        raise UsageError(f"{path}: has {ckpt['num_classes']} classes, the shards have {len(wnids)}")
+    if ckpt["wnids"] != wnids:
+        i = next(i for i, (a, b) in enumerate(zip(ckpt["wnids"], wnids)) if a != b)
+        raise UsageError(f"{path}: was trained on other classes than {shards} has (class {i}: "
+                         f"{ckpt['wnids'][i]} in the checkpoint, {wnids[i]} in the shards)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -55,10 +67,12 @@ def main(argv=None) -> int:
     try:
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
             raise UsageError(f"--json {a.json}: its directory does not exist")  # before, not after, the work
+        if a.json and os.path.isdir(a.json):
+            raise UsageError(f"--json {a.json}: is a directory; give a file name")
         if a.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, not {a.batch_size}")
-        if a.backend not in BACKENDS:
-            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {a.backend!r}")
+        if a.backend not in BACKENDS or a.backend == "synthetic":  # synthetic batches measure nothing
+            raise UsageError(f"--backend must be one of dali, wds, auto, not {a.backend!r}")
         device = parse_devices(a.devices)[0]
         model, ckpt = load_model(a.checkpoint, device)
         try:
@@ -67,9 +81,9 @@ def main(argv=None) -> int:
                                  normalization=ckpt["normalization"], verify=a.verify)
         except ShardError as e:
             raise UsageError(str(e)) from None
-        if ckpt["num_classes"] != len(loader.manifest["classes"]):
-            raise UsageError(f"{a.checkpoint}: has {ckpt['num_classes']} classes, the shards have "
-                             f"{len(loader.manifest['classes'])}")
+        check_classes(a.checkpoint, ckpt, loader.manifest, a.shards)
+        if loader.num_samples == 0:
+            raise UsageError(f"{a.shards}: the val split has no images")
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import stat
 import sys
 
 import numpy as np
@@ -34,6 +36,8 @@ SHARD_OPTIONS = ("size", "keep_aspect", "quality", "resample", "draft")  # of da
 def preprocess(path: str, norm: Normalization, preprocessing: dict | None = None) -> torch.Tensor:
     """An image file -> float32 [3, 224, 224], as the evaluation's centre crop sees the shard image
     make_shards would make of it (`preprocessing`: dataset.json's, from the checkpoint)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block the read, or never end
+        raise ValueError("not a regular file")
     with open(path, "rb") as f:
         data = f.read()
     jpg, _ = shard_image(data, **{k: v for k, v in (preprocessing or {}).items() if k in SHARD_OPTIONS})

@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical, named_canonical_parameters
-from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, resolve
+from model.alexnet import (AlexNetConfig, build, canonical_state, fc7_dead_share, load_canonical,
+                           named_canonical_parameters)
+from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, lr_rule, resolve
 from model.recipes import field_help as _f
 from pipeline import BACKENDS, make_loader
 from pipeline.normalization import Normalization
-from pipeline.shards import MANIFEST, ShardError
+from pipeline.shards import MANIFEST, ShardError, load_manifest
 
 
 @dataclass
@@ -65,7 +71,11 @@ class TrainConfig:
     log_every: int = _f(20, "steps per logged train loss (each log is one GPU sync)")
     checkpoint_minutes: float = _f(30.0, "minutes between checkpoints, besides every epoch end; 0 = every step")
     stall_steps: int = _f(2000, "warn if the train loss is still within 1%% of ln(classes) after this many "
-                                "steps (0: never)")
+                                "steps, with the share of dead fc7 units (0: never)")
+    probe_every: int = _f(0, "every N steps (a multiple of --log-every), log the share of fc7 units that are 0 for "
+                             "every image of a fixed val batch (metrics.jsonl 'fc7_dead'; README 'Recipes'); 0: never")
+    checkpoints: bool = _f(True, "write checkpoint.pt and plot.png; --no-checkpoints for throwaway runs (a study, "
+                                 "a timing), which then cannot be resumed")
     tensorboard: bool = _f(False, "also log to RUN/tensorboard")
     resume: bool = _f(False, "continue from RUN/checkpoint.pt (a new run if there is none)")
 
@@ -140,11 +150,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = new
 
 
-def train_step(net, optimizer, images, labels, lr: float, bf16: bool) -> torch.Tensor:
-    """One SGD step on the batch mean of the cross-entropy; returns the loss (detached, no sync)."""
+def train_step(net, optimizer, images, labels, lr: float, bf16: bool, pad_to: int = 0) -> torch.Tensor:
+    """One SGD step on the batch mean of the cross-entropy; returns the loss (detached, no sync).
+    pad_to: a smaller (last) batch runs padded to this many images, and only its own rows enter the
+    loss, so the gradient is the unpadded batch's (no layer mixes images) and a compiled model sees
+    one batch shape: no recompilation, no dynamic-shape graph."""
     set_lr(optimizer, lr)
+    n = len(labels)
+    if n < pad_to:
+        images = torch.cat([images, images[:1].expand(pad_to - n, *images.shape[1:])])
     with torch.autocast(device_type=labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = F.cross_entropy(net(images), labels)
+        loss = F.cross_entropy(net(images)[:n], labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -153,21 +169,60 @@ def train_step(net, optimizer, images, labels, lr: float, bf16: bool) -> torch.T
 
 # ---------------------------------------------------------------- set-up
 
-def parse_devices(spec: str) -> list[str]:
+def parse_devices(spec: str, world: int = 1, local_rank: int = 0) -> list[str]:
+    """The devices of this process, each with its index ('cuda' alone names no GPU, and
+    torch.cuda.set_device refuses it): 'auto' is cuda:0 where torch sees a GPU, else cpu; under
+    torchrun (world > 1) a CUDA device is this rank's, cuda:LOCAL_RANK."""
     if spec == "auto":
-        return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not 1 <= len(devices) <= 2:
         raise UsageError(f"--devices {spec}: give one device, or two for the paper's two halves")
-    for d in devices:
+    if world > 1 and len(devices) == 2:
+        raise UsageError("--devices with two halves runs in one process; use torchrun with one device per rank")
+    for i, d in enumerate(devices):
         try:
             dev = torch.device(d)
         except RuntimeError:
             raise UsageError(f"--devices {spec}: {d!r} is not a device") from None
-        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--devices {spec}: {d} does not exist (this machine has "
-                             f"{torch.cuda.device_count()} CUDA GPUs)")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--devices {spec}: torch sees no CUDA GPU here (--devices cpu, or a CUDA build "
+                                 "of torch)")
+            index = local_rank if world > 1 else (dev.index or 0)
+            if index >= torch.cuda.device_count():
+                raise UsageError(f"--devices {spec}: cuda:{index} does not exist (this machine has "
+                                 f"{torch.cuda.device_count()} CUDA GPUs)")
+            devices[i] = f"cuda:{index}"
+        elif dev.type != "cpu":
+            raise UsageError(f"--devices {spec}: {d!r}: only cpu and cuda devices are supported")
     return devices
+
+
+def place(devices: list[str], cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
+    """(the main device, bf16, channels-last); makes a CUDA main device the current one, so that
+    collectives and current_device() use this rank's GPU, not cuda:0."""
+    device = torch.device(devices[0])
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    return device, cfg.bf16 and on_gpu, cfg.channels_last and on_gpu and len(devices) == 1
+
+
+def init_distributed(world: int, device: torch.device) -> None:
+    """The process group of a torchrun run: NCCL bound to this rank's GPU, gloo on the CPU."""
+    if world > 1:
+        on_gpu = device.type == "cuda"
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+
+
+def wrap(model: torch.nn.Module, world: int, device: torch.device, compile: bool) -> torch.nn.Module:
+    """What the steps call: DDP (its device the rank's GPU) and/or torch.compile around the model."""
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    return torch.compile(net, dynamic=False) if compile else net  # one shape: train_step pads the last batch
 
 
 def distributed() -> tuple[int, int, int]:
@@ -202,14 +257,30 @@ def _tensors(obj, prefix: str = ""):
             yield from _tensors(v, f"{prefix}/{i}")
 
 
+def _without_tensors(obj):
+    """The checkpoint's structure and every value that is not a tensor (names, numbers, the
+    normalization, class names), tensors replaced by a marker: what the digest covers besides them."""
+    if isinstance(obj, torch.Tensor):
+        return "<tensor>"
+    if isinstance(obj, dict):
+        return {str(k): _without_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_without_tensors(v) for v in obj]
+    return obj
+
+
 def checkpoint_digest(ckpt: dict) -> str:
-    """sha256 over every tensor's name, shape, dtype and bytes (the weights, the momentum, the RNG
-    states): flipped bytes in a checkpoint file are found before they are trained on."""
+    """sha256 over everything the checkpoint holds: every tensor's name, shape, dtype and bytes (the
+    weights, the momentum, the RNG states), and every other value (the normalization's numbers, the
+    class names, the recipe), so that a flipped byte anywhere is found before it is used."""
     h = hashlib.sha256()
-    for name, t in _tensors({k: v for k, v in ckpt.items() if k != "digest"}):
+    rest = {k: v for k, v in ckpt.items() if k != "digest"}
+    for name, t in _tensors(rest):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
+    # repr keeps a float's every bit (json would too), and sort_keys an order that pickling does not change
+    h.update(json.dumps(_without_tensors(rest), sort_keys=True, default=repr).encode())
     return h.hexdigest()
 
 
@@ -221,7 +292,7 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - an unreadable or foreign file gets the same one-line answer
         raise UsageError(f"{path}: not a readable checkpoint of model.train ({type(e).__name__}: {e})") from None
     if checkpoint_digest(ckpt) != digest:
-        raise UsageError(f"{path}: corrupt: its tensors do not match the checksum stored with them")
+        raise UsageError(f"{path}: corrupt: its contents do not match the checksum stored with them")
     return ckpt
 
 
@@ -232,6 +303,10 @@ def save_atomic(obj, path: str) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch's zip writer reports a full disk as "file write failed" / "unexpected pos"
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < (16 << 20)  # before tmp goes
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      os.strerror(errno.ENOSPC) if full else str(e).strip().splitlines()[0][:200], path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -355,8 +430,20 @@ class Metrics:
             return
         if os.path.exists(path):
             epoch, step = resume_at
+            kept, bad = [], 0
             with open(path) as f:
-                kept = [json.loads(line) for line in f if line.strip()]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line half-written when the run was killed
+                        record = None
+                    if isinstance(record, dict) and "step" in record and "kind" in record:
+                        kept.append(record)
+                    elif line.strip():
+                        bad += 1
+            if bad:
+                print(f"train: {path}: dropped {bad} unreadable line(s), as a killed run leaves them",
+                      file=sys.stderr, flush=True)
             kept = [r for r in kept if r["step"] <= step and not (r["kind"] == "epoch" and r["epoch"] >= epoch)]
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -393,15 +480,24 @@ class LossGuard:
         self.lrs.clear()
 
 
-def stall_warning(loss: float, num_classes: int, step: int, recipe_name: str) -> str | None:
-    """A warning if `loss` is still within 1 % of ln(C), the loss of a uniform guess."""
+def at_chance(loss: float, num_classes: int) -> bool:
+    """`loss` within 1 % of ln(C), the loss of a uniform guess."""
     chance = math.log(num_classes)
-    if abs(loss - chance) > 0.01 * chance:
+    return abs(loss - chance) <= 0.01 * chance
+
+
+def stall_warning(loss: float, num_classes: int, step: int, recipe_name: str, init: str,
+                  fc7_dead: float | None = None) -> str | None:
+    """A warning if `loss` is still at chance, naming the share of dead fc7 units where measured."""
+    if not at_chance(loss, num_classes):
         return None
-    others = ", ".join(f"--recipe {r}" for r in RECIPES if r != recipe_name)
-    return (f"train loss {loss:.3f} is still at chance (ln {num_classes} = {chance:.3f}) after {step} steps of "
-            f"--recipe {recipe_name}: this run may not learn; consider {others} or --init kaiming "
-            "(README: 'Recipes')")
+    dead = "" if fc7_dead is None else (
+        f"; {100 * fc7_dead:.1f} % of fc7's units are dead (0 for every image of a val batch)"
+        + (", the failure of the paper's init that README 'Recipes' documents" if fc7_dead >= 0.5 else ""))
+    others = ", ".join(f"--init {i}" for i in ("cuda-convnet2", "caffe", "kaiming") if i != init)
+    return (f"train loss {loss:.3f} is still at chance (ln {num_classes} = {math.log(num_classes):.3f}) after "
+            f"{step} steps of --recipe {recipe_name} (--init {init}){dead}: this run may not learn; consider "
+            f"{others} (README: 'Recipes')")
 
 
 # ---------------------------------------------------------------- the run
@@ -432,8 +528,9 @@ class Run:
     metrics: Metrics | None = None  # rank 0 only
     tb: object = None
     stall_checked: bool = False
+    probe: torch.Tensor | None = None  # a fixed val batch for the fc7 probe (made when first needed)
     saved_step: int | None = None   # the step of the checkpoint on disk, if any
-    lock: str | None = None         # OUT/.lock, held by rank 0 while it runs
+    lock: int | None = None         # OUT/.lock's file descriptor, held (flock) by rank 0 while it runs
 
     @property
     def main(self) -> bool:
@@ -480,16 +577,10 @@ def setup(cfg: TrainConfig) -> Run:
     Writes nothing until every check has passed."""
     recipe = resolve_recipe(cfg)
     rank, world, local_rank = distributed()
-    devices = parse_devices(cfg.devices)
-    if world > 1:
-        if len(devices) == 2:
-            raise UsageError("--devices with two halves runs in one process; use torchrun with one device per rank")
-        if devices[0].startswith("cuda"):
-            devices = [f"cuda:{local_rank}"]
+    devices = parse_devices(cfg.devices, world, local_rank)
     if recipe.batch_size % world:
         raise UsageError(f"--batch-size {recipe.batch_size} is not divisible across {world} ranks")
-    if cfg.log_every < 1:
-        raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
+    check_run_options(cfg)
     if cfg.backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
     if cfg.tensorboard:
@@ -497,21 +588,32 @@ def setup(cfg: TrainConfig) -> Run:
             import tensorboard  # noqa: F401
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    device = torch.device(devices[0])
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.set_device(device)  # collectives and current_device() must be this rank's GPU, not cuda:0
-    bf16, channels_last = cfg.bf16 and on_gpu, cfg.channels_last and on_gpu and len(devices) == 1
+    if cfg.probe_every < 0 or cfg.probe_every % cfg.log_every:
+        raise UsageError(f"--probe-every must be 0 or a multiple of --log-every ({cfg.log_every}), "
+                         f"not {cfg.probe_every}")
+    device, bf16, channels_last = place(devices, cfg)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     try:
         dataset = dataset_id(cfg.shards)
+        splits = load_manifest(cfg.shards)["splits"]
     except OSError:
         raise UsageError(f"{cfg.shards}: no such shard directory (no {MANIFEST})") from None
+    except ShardError as e:
+        raise UsageError(str(e)) from None
+    missing = [s for s in ("train", "val") if s not in splits]
+    if missing:  # before any advice about pca.json, which is computed from the train split
+        raise UsageError(f"{cfg.shards}: has no {missing[0]} split (made with --splits "
+                         f"{','.join(splits)}); training needs train and val")
     checkpoint = _load_checkpoint(cfg, recipe, ckpt_path, dataset)
 
     try:
+        pca_changed = False
         if checkpoint is not None:  # the numbers the run was trained with, whatever pca.json says now
             norm = Normalization.from_dict(checkpoint["normalization"])
+            try:
+                pca_changed = norm != Normalization.from_shards(cfg.shards, norm.mode, norm.train_scale)
+            except (ShardError, FileNotFoundError):  # missing, damaged or another set's: not used anyway
+                pca_changed = True
         else:
             norm = Normalization.from_shards(cfg.shards, recipe.input_norm, recipe.train_scale)
         loader_args = dict(device=str(device), rank=rank, world_size=world, seed=cfg.seed, backend=cfg.backend,
@@ -524,8 +626,7 @@ def setup(cfg: TrainConfig) -> Run:
         raise UsageError(str(e)) from None
     num_classes = len(train_loader.manifest["classes"])
 
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+    init_distributed(world, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in either layout
     model_cfg = recipe.model_config(num_classes)
     model = build(model_cfg, devices)
@@ -542,70 +643,116 @@ def setup(cfg: TrainConfig) -> Run:
         run.val_errors = list(checkpoint["scheduler"]["val_errors"])
         run.start_epoch, run.step = checkpoint["epoch"], checkpoint["step"]
         run.saved_step = run.step
-        train_loader.load_state_dict(checkpoint["loader"])
+        try:
+            train_loader.load_state_dict(checkpoint["loader"])
+        except ValueError as e:  # another world size or batch: the position means nothing here
+            raise UsageError(f"{ckpt_path}: cannot resume here: {e} (resume with the same number of ranks "
+                             "and --batch-size)") from None
         rngs = checkpoint["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         run.stall_checked = checkpoint.get("stall_checked", False)
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout masks differ across ranks
-    if world > 1:
-        run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
-    if cfg.compile:
-        run.net = torch.compile(run.net)
+    run.net = wrap(model, world, device, cfg.compile)
 
     if run.main:
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            run.lock = acquire_lock(cfg.out)
-            _write_config(run)
-        except OSError as e:
-            raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
-        run.metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"),
-                              (run.start_epoch, run.step) if checkpoint is not None else None)
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            run.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
-        if checkpoint is not None and norm != Normalization.from_shards(cfg.shards, norm.mode, norm.train_scale):
-            print(f"train: {cfg.shards}/pca.json differs from the one this run started with; "
+        open_run_dir(run, resume_at=(run.start_epoch, run.step) if checkpoint is not None else None)
+        if pca_changed:
+            print(f"train: {cfg.shards}/pca.json is missing or differs from the one this run started with; "
                   "the run keeps its own (stored in the checkpoint)", file=sys.stderr, flush=True)
         print(f"AlexNet, recipe {cfg.recipe} ({recipe.init} init, input {recipe.input_norm}, "
               f"bias lr x{recipe.bias_lr_mult:g}, lighting {'on' if recipe.lighting else 'off'}) on "
               f"{'+'.join(devices)} x {world} rank(s), {num_classes} classes, {train_loader.num_samples * world} "
-              f"train images/epoch, batch {recipe.batch_size}, lr {recipe.lr} ({recipe.schedule}), "
+              f"train images/epoch, batch {recipe.batch_size}, {lr_rule(cfg.recipe, cfg.overrides)} "
+              f"({recipe.schedule}), "
               f"loader {type(train_loader).__name__} -> {cfg.out}", flush=True)
     return run
 
 
-def acquire_lock(out: str) -> str:
-    """OUT/.lock, created exclusively, holding this process's pid: a second live run into the same
-    OUT is refused; the lock of a run that died (its pid is gone) is taken over, with a message."""
+def acquire_lock(out: str) -> int:
+    """OUT/.lock, held with flock(2) for the run's life, with this process's pid inside for people:
+    a second live run into the same OUT is refused; a lock file left by a run that died is taken
+    over, whatever pid it names (the kernel releases a dead process's lock, and a reused pid cannot
+    pass for a run). Returns the lock's file descriptor (release_lock closes it)."""
     path = os.path.join(out, ".lock")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid = int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = -1  # unreadable: its writer died while writing it
-            if pid > 0 and pid != os.getpid():
-                try:
-                    os.kill(pid, 0)
-                    raise UsageError(f"{out}: in use by another run (pid {pid}, {path}); wait for it or "
-                                     "choose another --out")
-                except ProcessLookupError:
-                    pass
-                except PermissionError:  # alive, another user's
-                    raise UsageError(f"{out}: in use by another run (pid {pid}, {path})") from None
-            print(f"train: {path}: taking over the lock of pid {pid}, which is no longer running",
-                  file=sys.stderr, flush=True)
-            os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return path
-    raise UsageError(f"{path}: cannot take the lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(f"{out}: in use by another run (pid {holder}, {path}); wait for it or choose another --out")
+    left = os.read(fd, 64).decode(errors="replace").strip()
+    if left:
+        print(f"train: {path}: taking over the lock left by pid {left}, which no longer holds it",
+              file=sys.stderr, flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(out: str, fd: int) -> None:
+    """Removes OUT/.lock, then lets go of it (in that order: no window where another run could take
+    the file and then lose it to the removal)."""
+    try:
+        os.remove(os.path.join(out, ".lock"))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def check_run_options(cfg: TrainConfig) -> None:
+    """UsageError naming the first run option out of range (the recipe's values: Recipe.validate)."""
+    if cfg.log_every < 1:
+        raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in [0, 2^63), not {cfg.seed}")
+    if cfg.loader_threads < 0:
+        raise UsageError(f"--loader-threads must be >= 0 (0: all cores), not {cfg.loader_threads}")
+    if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
+        raise UsageError(f"--checkpoint-minutes must be a finite number >= 0, not {cfg.checkpoint_minutes}")
+    if cfg.stall_steps < 0:
+        raise UsageError(f"--stall-steps must be >= 0, not {cfg.stall_steps}")
+
+
+def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
+    """The last step of set-up, once every check has passed: take OUT's lock, remove what runs killed
+    while writing a checkpoint left (checkpoint.pt.tmp-<pid> of a pid no longer alive), write
+    config.json, open metrics.jsonl. The lock is let go again if any of it fails."""
+    cfg = run.cfg
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        run.lock = acquire_lock(cfg.out)
+    except OSError as e:
+        raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
+    try:
+        for name in os.listdir(cfg.out):
+            stem, _, pid = name.rpartition(".tmp-")
+            if stem and pid.isdigit() and not _alive(int(pid)):
+                os.remove(os.path.join(cfg.out, name))
+                print(f"train: removed {os.path.join(cfg.out, name)}, left by a run killed while writing it",
+                      file=sys.stderr, flush=True)
+        _write_config(run)
+        run.metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), resume_at)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            run.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+    except BaseException as e:
+        release_lock(cfg.out, run.lock)
+        run.lock = None
+        if isinstance(e, OSError):
+            raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _write_config(run: Run) -> None:
@@ -613,6 +760,7 @@ def _write_config(run: Run) -> None:
     info = {"recipe": {"name": cfg.recipe, **asdict(run.recipe)},
             "config": {k: v for k, v in asdict(cfg).items() if k != "overrides"},
             "overridden": sorted(k for k, v in cfg.overrides.items() if v is not None),
+            "lr": {"weights": run.recipe.lr, "rule": lr_rule(cfg.recipe, cfg.overrides)},
             "model": asdict(run.model_cfg), "normalization": run.norm.as_dict(), "world_size": run.world,
             "devices": run.devices, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
             "dataset": run.dataset, "loader": type(run.train_loader).__name__, "bf16": run.bf16,
@@ -625,6 +773,8 @@ def _write_config(run: Run) -> None:
 
 def save_checkpoint(run: Run, epoch: int) -> None:
     """Every rank calls this at the same step (collectives inside). Never writes non-finite weights."""
+    if not run.cfg.checkpoints:
+        return
     rngs = [rng_state()]
     if run.world > 1:
         rngs = [None] * run.world
@@ -658,6 +808,8 @@ def save_checkpoint(run: Run, epoch: int) -> None:
 def _checkpoint_due(run: Run, last_ckpt: float) -> bool:
     """The same answer on every rank: by step count, or by rank 0's clock at a log step, broadcast."""
     cfg = run.cfg
+    if not cfg.checkpoints:
+        return False
     if cfg.checkpoint_minutes == 0:
         return True
     if run.step % cfg.log_every:
@@ -668,12 +820,25 @@ def _checkpoint_due(run: Run, last_ckpt: float) -> bool:
     return bool(due.item())  # a sync, but only at log steps, which sync anyway
 
 
+def fc7_dead_now(run: Run) -> float:
+    """The share of dead fc7 units on a fixed val batch (the first 64 centre crops), eval mode: no
+    dropout, and no random number drawn, so a run with probes trains exactly as one without."""
+    if run.probe is None:
+        loader = make_loader(run.cfg.shards, "val", batch_size=64, device=str(run.device), crop="center",
+                             backend=run.cfg.backend, normalization=run.norm, verify=run.cfg.verify,
+                             num_threads=run.cfg.loader_threads)
+        run.probe = next(iter(loader))[0]
+    return fc7_dead_share(run.model, run.probe)
+
+
 def _log_window(run: Run, epoch: int, lr: float, avg: float, rate: float, bar) -> None:
     if not run.main:
         return
     bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
-    run.metrics.log({"kind": "step", "epoch": epoch, "step": run.step, "lr": lr, "train_loss": avg,
-                     "images_per_s": rate})
+    record = {"kind": "step", "epoch": epoch, "step": run.step, "lr": lr, "train_loss": avg, "images_per_s": rate}
+    if run.cfg.probe_every and run.step % run.cfg.probe_every == 0:
+        record["fc7_dead"] = fc7_dead_now(run)
+    run.metrics.log(record)
     if run.tb:
         run.tb.add_scalar("train/loss", avg, run.step)
         run.tb.add_scalar("train/lr", lr, run.step)
@@ -684,8 +849,10 @@ def _check_stall(run: Run, epoch: int, avg: float) -> None:
     if run.stall_checked or not run.cfg.stall_steps or run.step < run.cfg.stall_steps:
         return
     run.stall_checked = True
-    warning = stall_warning(avg, run.num_classes, run.step, run.cfg.recipe)
-    if warning and run.main:
+    if not (run.main and at_chance(avg, run.num_classes)):
+        return
+    warning = stall_warning(avg, run.num_classes, run.step, run.cfg.recipe, run.recipe.init, fc7_dead_now(run))
+    if warning:
         print(f"\ntrain: warning: {warning}", file=sys.stderr, flush=True)
         run.metrics.log({"kind": "warning", "epoch": epoch, "step": run.step, "warning": "stall",
                          "train_loss": avg, "message": warning})
@@ -707,7 +874,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
         for images, labels in loader:
             lr = learning_rate(run.recipe, epoch + loader.batch / steps_per_epoch, run.val_errors)
             labels = labels.to(run.device, non_blocking=True)
-            loss = train_step(run.net, run.optimizer, images, labels, lr, run.bf16)
+            loss = train_step(run.net, run.optimizer, images, labels, lr, run.bf16,
+                              pad_to=loader.cfg.batch_size if cfg.compile else 0)
             run.step += 1
             guard.record(loss, run.step, lr)
             epoch_loss += loss
@@ -756,7 +924,7 @@ def end_epoch(run: Run, epoch: int, stats: dict) -> dict:
     if run.main:  # logged before the checkpoint: a resume drops it again if the checkpoint never came
         run.metrics.log(result)
     save_checkpoint(run, epoch + 1)
-    if run.main:
+    if run.main and run.cfg.checkpoints:
         draw_plot(os.path.join(run.cfg.out, "plot.png"), run.metrics.epochs)
         if run.tb:
             for k in ("val_loss", "val_top1_error", "val_top5_error", "train_loss"):
@@ -782,8 +950,8 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if run.world > 1:
             torch.distributed.destroy_process_group()
-        if run.lock and os.path.exists(run.lock):
-            os.remove(run.lock)
+        if run.lock is not None:
+            release_lock(cfg.out, run.lock)
     return result
 
 
@@ -827,8 +995,27 @@ def config_from_args(argv=None) -> TrainConfig:
     return TrainConfig(**args, overrides=overrides)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`): stopped as Ctrl-C stops a run."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     cfg = config_from_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        return _run(cfg)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cfg: TrainConfig) -> int:
+    """train(cfg), with every way it can stop as one line and an exit status."""
     try:
         train(cfg)
     except UsageError as e:
@@ -840,9 +1027,10 @@ def main(argv=None) -> int:
     except OSError as e:  # writing the run directory mid-run (metrics, plot): one line, not a traceback
         print(f"train: {e.filename or cfg.out}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ntrain: interrupted; --resume continues from the last checkpoint in {cfg.out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, status = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"\ntrain: {how}; --resume continues from the last checkpoint in {cfg.out}", file=sys.stderr)
+        return status
     return 0
 
 

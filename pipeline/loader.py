@@ -35,6 +35,8 @@ class LoaderConfig:
     num_threads: int = 0            # DALI threads / DataLoader workers; 0 = all cores
     verify: bool = True             # check each shard's sha256 against dataset.json before its samples
                                     # leave the loader (once per loader, in the background: pipeline/verify.py)
+    hw_decoder_load: float = 0.65   # DALI on a GPU: the share of JPEGs sent to the hardware decoder of
+                                    # A100/H100/H200 (DALI's default; the GPU check sweeps it)
 
 
 class ShardLoader:

@@ -21,15 +21,38 @@ the checkpoint, so a finished model never depends on a shard directory's pca.jso
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.shards import PCA_FILE
+from pipeline.shards import MANIFEST, PCA_FILE, ShardError
 
 MODES = ("mean", "std", "none")
+
+
+def check_pca(pca: dict) -> None:
+    """ValueError unless pca.json's numbers can be pixel statistics in [0, 1] units: 3 finite means in
+    [0, 1], 3 standard deviations in (0, 1], 3 eigenvalues in [0, 1] (a variance of [0, 1] values is
+    at most 1/4 per channel; rounding may leave tiny negatives), 3 eigenvectors of 3 finite values."""
+    if not isinstance(pca, dict):
+        raise ValueError("not a JSON object")
+    def vector(key, low, high, low_open=False):
+        v = pca[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise ValueError(f"{key} must be 3 numbers, not {v!r:.60}")
+        if not all(math.isfinite(x) and (low < x if low_open else low <= x) and x <= high for x in v):
+            raise ValueError(f"{key} {v} is out of range ({'(' if low_open else '['}{low}, {high}])")
+    vector("mean", 0.0, 1.0)
+    vector("std", 0.0, 1.0, low_open=True)
+    vector("eigenvalues", -1e-9, 1.0)
+    vecs = pca["eigenvectors"]
+    if not (isinstance(vecs, list) and len(vecs) == 3 and all(isinstance(v, list) and len(v) == 3 and
+            all(isinstance(x, (int, float)) and math.isfinite(x) for x in v) for v in vecs)):
+        raise ValueError("eigenvectors must be 3 vectors of 3 finite numbers")
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,8 @@ class Normalization:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"normalize must be one of {MODES}, not {self.mode!r}")
+        if not (math.isfinite(self.train_scale) and self.train_scale > 0):
+            raise ValueError(f"train_scale must be finite and > 0, not {self.train_scale}")
 
     @classmethod
     def from_pca(cls, pca: dict, mode: str = "mean", train_scale: float = 1.0) -> "Normalization":
@@ -54,12 +79,26 @@ class Normalization:
 
     @classmethod
     def from_shards(cls, shards_dir: str, mode: str = "mean", train_scale: float = 1.0) -> "Normalization":
-        """From SHARDS/pca.json; FileNotFoundError naming the file and the command that makes it."""
+        """From SHARDS/pca.json, checked: FileNotFoundError naming the file and the command that makes
+        it; ShardError for a file that is damaged, holds impossible numbers, or was computed from
+        another shard set (its source.sha256 is not this dataset.json's)."""
         path = os.path.join(shards_dir, PCA_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: missing: run tools/compute_pca.py {shards_dir}")
-        with open(path) as f:
-            return cls.from_pca(json.load(f), mode, train_scale)
+        redo = f"rerun tools/compute_pca.py {shards_dir}"
+        try:
+            with open(path) as f:
+                pca = json.load(f)
+            check_pca(pca)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ShardError(f"{path}: {e if not isinstance(e, KeyError) else f'no {e}'}; {redo}") from None
+        with open(os.path.join(shards_dir, MANIFEST), "rb") as f:
+            manifest_sha = hashlib.sha256(f.read()).hexdigest()
+        source = pca.get("source", {}).get("sha256") if isinstance(pca.get("source"), dict) else None
+        if source != manifest_sha:
+            raise ShardError(f"{path}: was computed from another shard set (its source.sha256 is not that of "
+                             f"{os.path.join(shards_dir, MANIFEST)}); {redo}")
+        return cls.from_pca(pca, mode, train_scale)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalization":

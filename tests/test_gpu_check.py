@@ -29,8 +29,11 @@ def test_dry_run_runs_every_section(tmp_path):
     assert report["halves"]["one device"] < 1e-4  # float32 rounding: grouped vs separate convolutions
     assert (tmp_path / "gpu_check.txt").read_text().startswith("GPU check on cpu (dry run)")
     assert report["pipeline_first_batch_s"] > 0
+    # each section saved its results as it ended: a check stopped by a time limit keeps them
+    assert report["sections_done"] == ["pipeline", "model", "trainer", "halves", "recipe_study"]
     study = report["recipe_study"]["runs"]
-    assert sorted(study) == ["caffe", "kaiming", "old-default", "paper"]
+    assert sorted(study) == ["caffe", "cuda-convnet2", "cuda-convnet2@4", "kaiming", "paper"]
+    assert study["paper"]["batch_size"] == 8 and study["paper"]["lr"] == pytest.approx(0.01 * 8 / 128)
     assert (tmp_path / "init_study.png").exists() and (tmp_path / "init_study.json").exists()
 
 

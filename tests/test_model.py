@@ -25,7 +25,7 @@ def test_parameter_count_and_shapes():
 
 def test_paper_init():
     torch.manual_seed(0)
-    model = AlexNet()
+    model = AlexNet(init="paper")
     for name, mod in model.named_children():
         if not hasattr(mod, "weight"):
             continue
@@ -260,3 +260,103 @@ def test_lrn_in_channels_last_memory_is_the_same_and_stays_channels_last():
     with torch.no_grad():
         torch.testing.assert_close(model.to(memory_format=torch.channels_last)(
             x.contiguous(memory_format=torch.channels_last)), model(x), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- recipes reach the run (issue: values by hand)
+
+def _built(name: str, *flags: str):
+    """What the trainer builds from a recipe name (and flags): recipe, model, optimizer."""
+    from model import train
+    cfg = train.config_from_args(["--shards", "unused", "--recipe", name, *flags])
+    recipe = train.resolve_recipe(cfg)
+    torch.manual_seed(0)
+    model = AlexNet(cfg=recipe.model_config(1000))
+    return recipe, model, make_optimizer(model, recipe)
+
+
+def _weight_stds(model) -> dict:
+    return {n: mod.weight.std().item() for n, mod in model.named_children() if hasattr(mod, "weight")}
+
+
+@pytest.mark.parametrize("name, batch, lr, lrn_k, stds, bias, schedule, lighting, scale", [
+    # paper, section 5 (batch 128, lr 0.01, momentum 0.9, wd 5e-4, lr / 10 at most three times), 3.3 (k = 2),
+    # 4.1 (lighting); cuda-convnet2: biases at 2x lr without decay, lit batches x 1/1.1
+    ("paper", 128, 0.01, 2.0, dict(conv1=0.01, conv2=0.01, conv3=0.03, conv4=0.03, conv5=0.03, fc6=0.01, fc7=0.01,
+                                   fc8=0.01), 1.0, "plateau", True, 1 / 1.1),
+    # bvlc_alexnet: batch 256, lr 0.01 / 10 every 100k iterations (20 epochs), LRN k = 1, fc6/fc7 N(0, 0.005)
+    ("caffe", 256, 0.01, 1.0, dict(conv1=0.01, conv2=0.01, conv3=0.01, conv4=0.01, conv5=0.01, fc6=0.005, fc7=0.005,
+                                   fc8=0.01), 0.1, "step", False, 1.0),
+])
+def test_every_recipe_value_reaches_the_run(name, batch, lr, lrn_k, stds, bias, schedule, lighting, scale):
+    recipe, model, opt = _built(name)
+    assert recipe.batch_size == batch and recipe.epochs == 90
+    weights, biases = opt.param_groups
+    assert (weights["lr"], weights["momentum"], weights["weight_decay"]) == (lr, 0.9, 5e-4)
+    assert (biases["lr"], biases["weight_decay"]) == (2 * lr, 0.0)
+    lrn = model.lrn
+    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, lrn_k)
+    for layer, std in _weight_stds(model).items():
+        assert std == pytest.approx(stds[layer], rel=0.05), layer
+    for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        expected = bias if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        assert torch.all(getattr(model, layer).bias == expected), layer
+    assert model.cfg.dropout == 0.5 and model.lrn_after == {"conv1", "conv2"}
+    assert recipe.schedule == schedule and recipe.lighting is lighting and recipe.train_scale == scale
+    assert recipe.input_norm == "mean"
+    if schedule == "plateau":  # never improving: three divisions, then no more (section 5)
+        assert learning_rate(recipe, 60.0, [0.5] * 60) == pytest.approx(lr / 1000, rel=1e-12)
+        assert learning_rate(recipe, 3.0, [0.5, 0.5, 0.5]) == pytest.approx(lr / 10, rel=1e-12)
+    else:
+        assert learning_rate(recipe, 19.9, []) == lr and learning_rate(recipe, 20.0, []) == pytest.approx(lr / 10)
+
+
+def test_the_authors_released_init():
+    """--init cuda-convnet2 (layers-223-1gpu.cfg): initW 0.03 in conv3-5, 0.01 elsewhere; biases as the paper."""
+    torch.manual_seed(1)
+    model = AlexNet(cfg=AlexNetConfig(init="cuda-convnet2"))
+    expected = dict(conv1=0.01, conv2=0.01, conv3=0.03, conv4=0.03, conv5=0.03, fc6=0.01, fc7=0.01, fc8=0.01)
+    for layer, std in _weight_stds(model).items():
+        n = getattr(model, layer).weight.numel()  # 34,848 weights in conv1: the std's sampling error ~0.4 %
+        assert abs(std - expected[layer]) < 5 * expected[layer] / (2 * n) ** 0.5, layer
+    for layer in expected:
+        assert torch.all(getattr(model, layer).bias == (1.0 if layer in ("conv2", "conv4", "conv5", "fc6", "fc7")
+                                                        else 0.0)), layer
+
+
+@pytest.mark.parametrize("name, flags, lr", [
+    ("paper", ["--batch-size", "256"], 0.02),      # cuda-convnet2's configs: 0.01 at 128, 0.02 at 256
+    ("paper", ["--batch-size", "512"], 0.04),
+    ("paper", ["--batch-size", "32"], 0.0025),
+    ("caffe", ["--batch-size", "256"], 0.01),      # Caffe states its 0.01 at 256
+    ("caffe", ["--batch-size", "128"], 0.005),
+    ("paper", ["--batch-size", "256", "--lr", "0.03"], 0.03),  # --lr is taken as given
+    ("paper", ["--lr", "0.03", "--lr-batch", "128", "--batch-size", "256"], 0.06),
+])
+def test_the_step_per_image_is_kept_across_batch_sizes(name, flags, lr):
+    recipe, _, opt = _built(name, *flags)
+    assert recipe.lr == pytest.approx(lr, rel=1e-12) and opt.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-12)
+
+
+def test_torchrun_ranks_do_not_change_the_lr(monkeypatch):
+    """The batch is the global one: 2 ranks of 128 at --batch-size 256 take 0.02, as one process would."""
+    from model import train
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = train.config_from_args(["--shards", "unused", "--batch-size", "256"])
+    assert train.distributed()[1] == 2 and train.resolve_recipe(cfg).lr == pytest.approx(0.02)
+
+
+def test_dead_fc7_units_are_counted_on_a_model_set_by_hand():
+    """fc7 weights 0, biases -1 on the first 1,024 units and +1 on the rest: exactly 25 % dead."""
+    from model.alexnet import fc7_dead_share
+    from model.train import stall_warning
+    model = AlexNet(num_classes=10)
+    with torch.no_grad():
+        model.fc7.weight.zero_()
+        model.fc7.bias.fill_(1.0)
+        model.fc7.bias[:1024] = -1.0
+    model.train()
+    assert fc7_dead_share(model, torch.randn(4, 3, 224, 224)) == 0.25
+    assert model.training  # the probe leaves the mode as it found it
+    warning = stall_warning(2.30, 10, 2000, "paper", "paper", 0.25)
+    assert "25.0 % of fc7's units are dead" in warning and "--init cuda-convnet2" in warning
+    assert "documents" in stall_warning(2.30, 10, 2000, "paper", "paper", 0.9)

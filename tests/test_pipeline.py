@@ -325,6 +325,9 @@ def test_corrupt_jpeg_met_while_reading_names_shard_and_key(shards, tmp_path, ba
     m = json.load(open(os.path.join(out, "dataset.json")))
     m["splits"]["val"]["shards"][1]["sha256"] = sha256_file(path)
     atomic_write(os.path.join(out, "dataset.json"), json.dumps(m).encode())
+    pca = pca_of(out)  # pca.json names the dataset.json it belongs to: the one just written
+    pca["source"]["sha256"] = sha256_file(os.path.join(out, "dataset.json"))
+    atomic_write(os.path.join(out, "pca.json"), json.dumps(pca).encode())
     loader = make_loader(out, "val", batch_size=16, backend=backend, num_threads=2)
     with pytest.raises(ShardError, match=rf"val-000001\.tar: sample {entry.key} is corrupt"):
         list(loader)
@@ -435,8 +438,9 @@ def test_gpu_pipeline_matches_cpu_pipeline(shards):
         gpu = make_loader(shards, split, batch_size=32, crop=crop, device="cuda")
         (xc, yc), (xg, yg) = next(iter(cpu)), next(iter(gpu))
         assert xg.is_cuda and yg.is_cuda and torch.equal(yc, yg.cpu())
-        # nvJPEG's IDCT differs from libjpeg-turbo's by a few 0-255 levels at most
-        assert (xg.cpu() - xc).abs().mean() < 0.02, crop
+        # nvJPEG's IDCT and upsampling may round differently from libjpeg-turbo's: DALI's own decoder
+        # tests accept about one grey level on average (these are 0-255 units, normalize="mean")
+        assert (xg.cpu() - xc).abs().mean() <= 1.0, crop
 
 
 # ---------------------------------------------------------------- tools/show_batch.py
@@ -503,3 +507,20 @@ def test_ten_crops_and_centre_crop_of_a_coordinate_image(tmp_path, backend):
             first_col, last_col = (left + 223, left) if mirrored else (left, left + 223)
             assert abs(red[:, 0].mean() - first_col) < 3 and abs(red[:, -1].mean() - last_col) < 3, (crop, k)
             assert abs(green[0].mean() - top) < 3 and abs(green[-1].mean() - (top + 223)) < 3, (crop, k)
+
+
+def test_a_rotated_index_label_column_is_refused(shards, tmp_path):
+    """The .idx files carry no checksum: rotating the .cls offsets of a val index by one sample used
+    to give every image its neighbour's label (exit 0). The DALI loader checks each entry against the
+    verified tar's own headers and names the shard."""
+    out = _copy(shards, tmp_path)
+    idx = os.path.join(out, "val-000000.idx")
+    header, *lines = open(idx).read().splitlines()
+    rows = [line.split() for line in lines]
+    cls = [(r[5], r[6]) for r in rows]  # "jpg off size name cls off size name ...": the cls offset and size
+    for r, (off, size) in zip(rows, cls[1:] + cls[:1]):
+        r[5], r[6] = off, size
+    open(idx, "w").write("\n".join([header, *(" ".join(r) for r in rows)]) + "\n")
+    loader = make_loader(out, "val", batch_size=16, backend="dali", num_threads=2)
+    with pytest.raises(ShardError, match=r"val-000000\.tar: its \.idx does not match the shard at sample "):
+        next(iter(loader))

@@ -42,7 +42,10 @@ def test_run_leaves_its_evidence(finished_run, tiny_shards):
     out = finished_run
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "plot.png"]
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["recipe"]["name"] == "paper" and cfg["recipe"]["batch_size"] == 8 and cfg["recipe"]["lr"] == 0.01
+    # the paper's 0.01 at 128 images a step, kept per image at batch 8: 0.01 * 8 / 128
+    assert cfg["recipe"]["name"] == "paper" and cfg["recipe"]["batch_size"] == 8 and cfg["recipe"]["lr"] == 0.000625
+    assert cfg["lr"] == {"weights": 0.000625, "rule": "lr 0.000625 = 0.01 (recipe paper, at batch 128) x 8/128: "
+                                                      "the same step per image at batch 8"}
     assert cfg["overridden"] == ["batch_size", "epochs"] and cfg["commit"]
     assert cfg["normalization"]["mode"] == "mean" and cfg["normalization"]["train_scale"] == pytest.approx(1 / 1.1)
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
@@ -130,10 +133,37 @@ def test_ddp_two_gloo_processes(tiny_shards, tmp_path):
     assert epoch["step"] == 4 and epoch["train_samples"] == 32 and epoch["val_samples"] == 16
 
 
-@pytest.mark.parametrize("case", ["no_shards", "no_pca", "no_gpu", "indivisible", "existing", "other_options"])
+PCA_CASES = {  # pca.json edits, and the line that must name them
+    "pca_huge": (lambda p: {**p, "eigenvalues": [1e30, 1.0, 0.5]}, "eigenvalues [1e+30, 1.0, 0.5] is out of range"),
+    "pca_short": (lambda p: {**p, "mean": p["mean"][:2]}, "mean must be 3 numbers"),
+    "pca_nan": (lambda p: {**p, "std": [float("nan"), 0.2, 0.2]}, "std [nan, 0.2, 0.2] is out of range"),
+    "pca_other_set": (lambda p: {**p, "source": {"file": "dataset.json", "sha256": "0" * 64}},
+                      "was computed from another shard set"),
+}
+
+
+@pytest.mark.parametrize("case", ["no_shards", "no_pca", "no_gpu", "indivisible", "existing", "other_options",
+                                  "pca_truncated", "val_only", *PCA_CASES])
 def test_bad_input_one_line_nothing_overwritten(tiny_shards, finished_run, tmp_path, capsys, monkeypatch, case):
     out, shards, extra = str(tmp_path / "out"), tiny_shards, []
-    if case == "no_shards":
+    if case.startswith("pca") or case == "val_only":
+        shards = str(tmp_path / "s")
+        shutil.copytree(tiny_shards, shards)
+        pca_path, manifest_path = os.path.join(shards, "pca.json"), os.path.join(shards, "dataset.json")
+    if case in PCA_CASES:
+        edit, needle = PCA_CASES[case]
+        edited = json.dumps(edit(json.load(open(pca_path))))
+        open(pca_path, "w").write(edited)
+    elif case == "pca_truncated":
+        text = open(pca_path).read()
+        open(pca_path, "w").write(text[: len(text) // 2])
+        needle = "pca.json: Expecting"
+    elif case == "val_only":  # the advice used to be "run compute_pca", which needs a train split
+        m = json.load(open(manifest_path))
+        del m["splits"]["train"]
+        open(manifest_path, "w").write(json.dumps(m))
+        needle = "has no train split (made with --splits val)"
+    elif case == "no_shards":
         shards, needle = str(tmp_path / "nowhere"), "no such shard directory"
     elif case == "no_pca":
         shards = str(tmp_path / "s")
@@ -141,7 +171,8 @@ def test_bad_input_one_line_nothing_overwritten(tiny_shards, finished_run, tmp_p
         os.remove(os.path.join(shards, "pca.json"))
         needle = "pca.json: missing"
     elif case == "no_gpu":
-        extra, needle = ["--devices", "cuda:7"], "cuda:7 does not exist"
+        extra = ["--devices", "cuda:7"]
+        needle = "cuda:7 does not exist" if torch.cuda.is_available() else "torch sees no CUDA GPU here"
     elif case == "indivisible":
         monkeypatch.setenv("WORLD_SIZE", "3")
         needle = "--batch-size 8 is not divisible across 3 ranks"
@@ -171,8 +202,9 @@ def test_recipe_values_flags_override_and_config_records_all(tiny_shards, tmp_pa
     out = str(tmp_path / "caffe")
     assert train.main(run_args(tiny_shards, out, "--recipe", "caffe", "--epochs", "1", "--lr", "0.02")) == 0
     cfg = json.load(open(os.path.join(out, "config.json")))
-    expected = {**dataclasses.asdict(RECIPES["caffe"]), "lr": 0.02, "batch_size": 8, "epochs": 1}
+    expected = {**dataclasses.asdict(RECIPES["caffe"]), "lr": 0.02, "lr_batch": 8, "batch_size": 8, "epochs": 1}
     assert cfg["recipe"] == {"name": "caffe", **expected}
+    assert cfg["lr"] == {"weights": 0.02, "rule": "lr 0.02 as given by --lr, at batch 8"}
     assert cfg["overridden"] == ["batch_size", "epochs", "lr"]
     assert cfg["model"]["init"] == "caffe" and cfg["model"]["lrn_k"] == 1.0
     assert cfg["normalization"]["train_scale"] == 1.0  # no lighting in caffe's recipe, so no 1/1.1
@@ -196,9 +228,9 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_s
 
 
 def test_stall_warning_on_console_and_in_metrics(tiny_shards, tmp_path, capsys):
-    assert train.stall_warning(1.3863, 4, 2000, "paper") is not None  # ln 4 = 1.3863
-    assert train.stall_warning(1.3863 * 1.011, 4, 2000, "paper") is None  # beyond 1 %
-    assert "--recipe caffe" in train.stall_warning(6.9, 1000, 2000, "paper")
+    assert train.stall_warning(1.3863, 4, 2000, "paper", "paper") is not None  # ln 4 = 1.3863
+    assert train.stall_warning(1.3863 * 1.011, 4, 2000, "paper", "paper") is None  # beyond 1 %
+    assert "--init caffe" in train.stall_warning(6.9, 1000, 2000, "paper", "paper")
     out = str(tmp_path / "stall")
     # lr 1e-12: nothing moves; Caffe's init without dropout starts at 1.382 on these shards (0.3 % off ln 4)
     assert train.main(run_args(tiny_shards, out, "--epochs", "1", "--lr", "1e-12", "--stall-steps", "2",
@@ -207,7 +239,8 @@ def test_stall_warning_on_console_and_in_metrics(tiny_shards, tmp_path, capsys):
     records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     warnings = [r for r in records if r["kind"] == "warning"]
     assert len(warnings) == 1 and warnings[0]["step"] == 2 and "still at chance" in warnings[0]["message"]
-    assert "warning: train loss" in err and "--recipe caffe" in warnings[0]["message"]  # the other recipe
+    assert "warning: train loss" in err and "--init cuda-convnet2" in warnings[0]["message"]  # inits that learn
+    assert "% of fc7's units are dead" in warnings[0]["message"]  # measured on a val batch
     out = str(tmp_path / "no-stall")
     assert train.main(run_args(tiny_shards, out, "--epochs", "1", "--lr", "1e-12", "--stall-steps", "6",
                                "--log-every", "2", "--init", "caffe", "--dropout", "0")) == 0
@@ -234,6 +267,7 @@ def test_train_evaluate_and_predict_give_the_same_logits(finished_run, tiny_shar
         run = train.setup(cfg)
         run.model.eval()
         by_train = run.model(next(iter(run.val_loader))[0][:1])[0]
+    train.release_lock(finished_run, run.lock)  # setup() took it; train() would have let it go
     torch.testing.assert_close(by_evaluate, by_predict, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(by_train, by_evaluate, rtol=0, atol=0)
 
@@ -356,18 +390,29 @@ def test_a_second_live_run_into_the_same_out_is_refused_and_a_stale_lock_taken_o
     out = str(tmp_path / "locked")
     os.makedirs(out)
     lock = os.path.join(out, ".lock")
+    # a live run: holds the lock (flock) on OUT/.lock, its pid inside
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({lock!r}, os.O_CREAT | os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "os.write(fd, f'{os.getpid()}\\n'.encode())\nprint('held', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (pid {holder.pid}" in err[0]
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # a dead run's lock file naming a live process that is no run (a reused pid): taken over
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         open(lock, "w").write(f"{sleeper.pid}\n")
-        assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"in use by another run (pid {sleeper.pid}" in err[0]
-        assert sorted(os.listdir(out)) == [".lock"]  # nothing written
+        assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 0
+        assert f"taking over the lock left by pid {sleeper.pid}" in capsys.readouterr().err
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 0  # that pid is gone now
-    assert f"taking over the lock of pid {sleeper.pid}" in capsys.readouterr().err
     assert not os.path.exists(lock)  # released at the end
 
 
@@ -431,7 +476,17 @@ def test_predict_shows_progress_names_an_unreadable_image_and_predicts_the_rest(
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--init", "nope"], "--init must be one of paper, caffe, kaiming, not 'nope'"),
+    (["--init", "nope"], "--init must be one of paper, cuda-convnet2, caffe, kaiming, not 'nope'"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, not nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
+    (["--lrn-k", "nan"], "--lrn-k must be a finite number, not nan"),
+    (["--lr", "inf"], "--lr must be a finite number, not inf"),
+    (["--seed", "-1"], "--seed must be in [0, 2^63), not -1"),
+    (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)"),
+    (["--loader-threads", "-1"], "--loader-threads must be >= 0"),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000: more than 65536 images per step"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes must be a finite number >= 0, not nan"),
+    (["--probe-every", "3", "--log-every", "2"], "--probe-every must be 0 or a multiple of --log-every (2)"),
     (["--lrn-convention", "alpha*n"], "--lrn-convention must be one of alpha/n, alpha, not 'alpha*n'"),
     (["--lrn-layers", "some"], "--lrn-layers must be one of paper, all, not 'some'"),
     (["--backend", "opencv"], "--backend must be one of auto, dali, wds, synthetic, not 'opencv'"),
@@ -475,20 +530,154 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_leaves_no_temporary_f
     assert train.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 300 MB filesystem (tmpfs), where a 460 MB checkpoint cannot fit; skipped where this
+    process may not mount one (it needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip() or r.returncode})")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_at_a_checkpoint_is_one_line(tiny_shards, small_filesystem, capsys):
+    """torch.save on a full filesystem raises a RuntimeError from its zip writer ('unexpected pos'),
+    not the OSError a test can inject: one line naming the checkpoint, exit 1, no temporary left."""
+    out = os.path.join(small_filesystem, "run")
+    assert train.main(run_args(tiny_shards, out, "--epochs", "1")) == 1
+    err = messages(capsys.readouterr().err, "train")
+    assert len(err) == 1 and f"{out}/checkpoint.pt: cannot write the checkpoint (No space left on device) at " \
+        "step 4; none was written" in err[0], err
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]
+
+
 @pytest.mark.slow
-def test_sigint_exits_130_with_one_line_and_keeps_the_checkpoint(tiny_shards, tmp_path):
-    """Ctrl-C during training: exit 130, one line saying how to go on, no traceback, the lock released.
-    (That a resumed run ends as an uninterrupted one is the SIGKILL test's.)"""
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_sigint_and_sigterm_exit_with_one_line_and_keep_the_checkpoint(tiny_shards, tmp_path, sig, status, said):
+    """Ctrl-C, or a scheduler's preemption (SIGTERM), during training: one line saying how to go on, no
+    traceback, the lock released. (That a resumed run ends as an uninterrupted one is the SIGKILL test's.)"""
     out = str(tmp_path / "run")
     proc = subprocess.Popen(_train_cmd(tiny_shards, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not os.path.exists(os.path.join(out, "checkpoint.pt")):  # mid-training
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     lines = messages(err, "train")
-    assert len(lines) == 1 and "interrupted; --resume continues from the last checkpoint" in lines[0], err
+    assert len(lines) == 1 and f"{said}; --resume continues from the last checkpoint" in lines[0], err
     assert not os.path.exists(os.path.join(out, ".lock"))
     assert train.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] >= 1  # what --resume continues from
+
+
+def test_no_checkpoints_leaves_the_evidence_but_no_checkpoint_or_plot(tiny_shards, tmp_path):
+    """--no-checkpoints (studies, timings): config.json and metrics.jsonl, with the fc7 probe at
+    --probe-every; no checkpoint.pt, no plot.png."""
+    out = str(tmp_path / "light")
+    assert train.main(run_args(tiny_shards, out, "--epochs", "1", "--no-checkpoints", "--log-every", "2",
+                               "--probe-every", "2")) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]
+    steps = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [2, 4] and all(0 <= r["fc7_dead"] <= 1 for r in steps)
+
+
+@pytest.mark.parametrize("what", ["mean", "class_name"])
+def test_a_flipped_byte_outside_the_tensors_is_refused(finished_run, tiny_shards, tmp_path, capsys, what):
+    """The normalization's numbers and the class names are pickled beside the tensors: one byte of
+    either, changed in the file, is found (before, a changed mean moved the error with exit 0)."""
+    import struct
+    out = str(tmp_path / what)
+    shutil.copytree(finished_run, out)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    data = bytearray(open(ckpt, "rb").read())
+    saved = torch.load(ckpt, weights_only=False)
+    if what == "mean":
+        needle = struct.pack(">d", saved["normalization"]["mean"][0])  # pickle's BINFLOAT, big-endian
+        at = data.index(needle) + 1
+    else:
+        needle = saved["classes"][0].encode()
+        at = data.index(needle)
+    assert data.count(needle) == 1
+    data[at] ^= 0x01
+    open(ckpt, "wb").write(bytes(data))
+    changed = torch.load(ckpt, weights_only=False)  # still loads: only the digest can tell
+    assert changed["normalization"] != saved["normalization"] or changed["classes"] != saved["classes"]
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", ckpt, "--shards", tiny_shards, "--devices", "cpu"]) == 2
+    assert predict.main(["--checkpoint", ckpt, os.path.join(REPO, "README.md")]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert [e for e in errs if f"{ckpt}: corrupt" in e] == errs and len(errs) == 2, errs
+
+
+def test_a_resume_without_pca_json_keeps_the_checkpoints_numbers(finished_run, tiny_shards, tmp_path, capsys):
+    """pca.json gone (or another set's) at --resume: the run goes on with the normalization stored in its
+    checkpoint, says so in one line, and leaves no lock (it used to exit 1 after writing, lock left)."""
+    shards, out = str(tmp_path / "s"), str(tmp_path / "run")
+    shutil.copytree(tiny_shards, shards)
+    shutil.copytree(finished_run, out)
+    os.remove(os.path.join(shards, "pca.json"))
+    capsys.readouterr()
+    assert train.main(run_args(shards, out, "--epochs", "3", "--resume")) == 0
+    notes = messages(capsys.readouterr().err, "train")
+    assert notes == [f"train: {shards}/pca.json is missing or differs from the one this run started with; the run "
+                     "keeps its own (stored in the checkpoint)"]
+    assert not os.path.exists(os.path.join(out, ".lock"))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 3
+
+
+def test_a_half_written_metrics_line_and_a_killed_checkpoint_write_are_cleaned_up(finished_run, tiny_shards,
+                                                                                tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished_run, out)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"kind": "step", "epo')  # killed mid-line
+    stale = os.path.join(out, "checkpoint.pt.tmp-999999999")  # no such pid
+    open(stale, "wb").write(b"x" * 1000)
+    capsys.readouterr()
+    assert train.main(run_args(tiny_shards, out, "--epochs", "3", "--resume")) == 0
+    notes = messages(capsys.readouterr().err, "train")
+    assert notes == [f"train: removed {stale}, left by a run killed while writing it",
+                     f"train: {out}/metrics.jsonl: dropped 1 unreadable line(s), as a killed run leaves them"]
+    assert all(json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")))
+    assert not os.path.exists(os.path.join(out, ".lock"))
+
+
+def test_resuming_a_two_rank_run_in_one_process_is_one_line(finished_run, tiny_shards, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished_run, out)
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["loader"]["world_size"] = 2
+    ckpt["digest"] = train.checkpoint_digest(ckpt)
+    torch.save(ckpt, ckpt_path)
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert train.main(run_args(tiny_shards, out, "--epochs", "3", "--resume")) == 2
+    err = messages(capsys.readouterr().err, "train")
+    assert len(err) == 1 and "cannot resume here: loader state is for world_size=2" in err[0], err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_evaluate_refuses_shards_of_other_classes_with_the_same_count(finished_run, tiny_shards, tmp_path, capsys):
+    """A class folder renamed to another wnid: the same number of classes, other classes. It used to be
+    evaluated with exit 0."""
+    shards = str(tmp_path / "s")
+    shutil.copytree(tiny_shards, shards)
+    path = os.path.join(shards, "dataset.json")
+    m = json.load(open(path))
+    old = m["classes"][2]["wnid"]
+    m["classes"][2]["wnid"] = "n01440764"
+    open(path, "w").write(json.dumps(m))
+    capsys.readouterr()
+    ckpt = os.path.join(finished_run, "checkpoint.pt")
+    assert evaluate.main(["--checkpoint", ckpt, "--shards", shards, "--devices", "cpu"]) == 2
+    err = messages(capsys.readouterr().err, "evaluate")
+    assert err == [f"evaluate: {ckpt}: was trained on other classes than {shards} has (class 2: {old} in the "
+                   "checkpoint, n01440764 in the shards)"]

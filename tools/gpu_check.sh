@@ -13,10 +13,10 @@
 #          with; default python3), --packages "SPEC ..." (what --bundle fetches; default: DALI for CUDA 13,
 #          webdataset), --skip "NAME ..." (wheels --bundle leaves out because the node has them; default: numpy
 #          six packaging), --transfer-size SIZE (bytes per transfer folder, default 60M; pieces are as large),
-#          --target-python 3.12, --study-steps N (steps per recipe in the check's recipe study; 0 skips it).
+#          --target-python 3.12, --study-epochs N (epochs per variant in the check's recipe study; 0 skips it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-py=python3 out=gpu_check mode=check bundle="" wheels=() transfer_size=60M target_py=3.12 study_steps=""
+py=python3 out=gpu_check mode=check bundle="" wheels=() transfer_size=60M target_py=3.12 study_epochs=""
 packages="nvidia-dali-cuda130==2.4.0 webdataset"
 skip="numpy six packaging"
 while [ $# -gt 0 ]; do
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --install-only) mode=install ;;
     --transfer-size|--piece-size) transfer_size="$2"; shift ;;
     --target-python) target_py="$2"; shift ;;
-    --study-steps) study_steps="$2"; shift ;;
+    --study-epochs) study_epochs="$2"; shift ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -110,6 +110,6 @@ fi
 cd "$here"
 args=(--json "$out/gpu_check.json")
 [ "$mode" = dry ] && args+=(--dry-run)
-[ -n "$study_steps" ] && args+=(--study-steps "$study_steps")
+[ -n "$study_epochs" ] && args+=(--study-epochs "$study_epochs")
 mkdir -p "$out"
 PYTHONUNBUFFERED=1 "$py" -m tools.bench gpu "${args[@]}" 2>&1 | tee "$out/gpu_check.txt"

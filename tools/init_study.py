@@ -1,21 +1,22 @@
-"""Train each recipe on the same data, seed and step budget, and show which ones leave chance.
+"""Train each recipe on the same data, seed and image budget, and show which ones leave chance.
 
-    python -m tools.init_study SHARDS [--steps 300] [--batch-size 64] [--out runs/init_study]
-                               [--variants paper,caffe,kaiming,old-default] [--diagnose-only] [--trace STEPS]
+    python -m tools.init_study SHARDS [--epochs 3] [--batch-size 128] [--out runs/init_study]
+        [--variants paper,cuda-convnet2,caffe,kaiming,cuda-convnet2@32] [--probe-every 4] [--reuse]
 
-Variants (model/recipes.py, README "Recipes"):
-  paper         the default recipe: paper init, 0-255 input minus the mean, bias lr x2, no bias decay,
-                lighting in standard deviations, lit batches x 1/1.1, LRN alpha/n
-  caffe         Caffe's bvlc_alexnet (biases 0.1, fc6/fc7 N(0, 0.005), LRN k=1, no lighting)
-  kaiming       the paper recipe with He init (and so (x/255 - mean)/std input)
-  old-default   this project's default before the recipes: paper init, std input, biases at the
-                weights' lr and decayed, the printed LRN formula, no 1/1.1 scale
-Every variant runs with the same batch size and a constant lr (the schedule is not under
-study), so only what the variants name differs. First a diagnosis at initialisation, in
-seconds: how strongly fc7's output and the logits depend on the image, per variant.
-Then the runs: the mean loss of the first 4 steps, of the last 10, and the val top-1
-error after each epoch; OUT/init_study.png draws the loss curves, OUT/init_study.json
-holds the numbers.
+Variants (model/recipes.py, README "Recipes"), each the paper recipe but for what it names:
+  paper          the paper's init (section 5): N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7
+  cuda-convnet2  the authors' released init (layers-223-1gpu.cfg): conv3-5 N(0, 0.03)
+  caffe          Caffe's bvlc_alexnet recipe whole (biases 0.1, fc6/fc7 N(0, 0.005), LRN k=1, no lighting)
+  kaiming        He init (and so (x/255 - mean)/std input)
+  old-default    this project's first default: paper init, std input, biases at the weights' lr and
+                 decayed, the printed LRN formula, no 1/1.1 scale
+NAME@B runs a variant at batch B instead of --batch-size. Every variant runs in the paper's
+regime: its recipe's step per image (lr scaled with the batch, model/recipes.py resolve), a
+constant lr (the schedule is not under study), the same epochs, seed and data. The runs
+are model.train's own (--no-checkpoints), with the fc7 probe every --probe-every steps: the
+share of fc7 units that are 0 for every image of a fixed val batch. First a diagnosis at
+initialisation, in seconds. OUT/init_study.json holds every number, OUT/init_study.png the
+loss and dead-unit curves.
 """
 from __future__ import annotations
 
@@ -27,12 +28,39 @@ import shutil
 import sys
 
 VARIANTS = {
-    "paper": [],
+    "paper": ["--init", "paper"],
+    "cuda-convnet2": ["--init", "cuda-convnet2"],
     "caffe": ["--recipe", "caffe"],
     "kaiming": ["--init", "kaiming"],
-    "old-default": ["--input-norm", "std", "--bias-lr-mult", "1", "--bias-decay", "--lrn-convention", "alpha",
-                    "--train-scale", "1"],
+    "old-default": ["--init", "paper", "--input-norm", "std", "--bias-lr-mult", "1", "--bias-decay",
+                    "--lrn-convention", "alpha", "--train-scale", "1"],
 }
+DEFAULT_VARIANTS = "paper,cuda-convnet2,caffe,kaiming,cuda-convnet2@32"
+WINDOW = 20  # steps of the running mean that decides "leaves chance"
+
+
+def parse_variant(spec: str, batch_size: int) -> tuple[str, int]:
+    """'name' or 'name@batch' -> (name, batch)."""
+    name, _, batch = spec.partition("@")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r} (of: {', '.join(VARIANTS)})")
+    if batch and not (batch.isdigit() and int(batch) > 0):
+        raise ValueError(f"{spec!r}: the batch after @ must be a positive integer")
+    return name, int(batch) if batch else batch_size
+
+
+def leaves_chance_at(losses: list[float], num_classes: int, window: int = WINDOW) -> int | None:
+    """The first step from which the `window`-step running mean of the loss stays more than 1 %
+    below ln(C) to the end; None if it never does."""
+    limit = 0.99 * math.log(num_classes)
+    means = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+    first = None
+    for i, m in enumerate(means):
+        if m < limit:
+            first = i + 1 if first is None else first
+        else:
+            first = None
+    return first
 
 
 def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
@@ -47,7 +75,7 @@ def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
     from pipeline import make_loader
     from pipeline.normalization import Normalization
     out = {}
-    print("variant       fc7 mean   fc7 image-dependence   logit spread / size   loss at init")
+    print("variant        fc7 mean   fc7 image-dependence   logit spread / size   loss at init")
     for name in names:
         cfg = train.config_from_args(["--shards", shards, *VARIANTS[name]])
         recipe = train.resolve_recipe(cfg)
@@ -58,149 +86,132 @@ def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
         torch.manual_seed(0)
         model = AlexNet(cfg=recipe.model_config(len(loader.classes))).eval()
         with torch.no_grad():
-            h = torch.flatten(model.features(x), 1)
-            h7 = F.relu(model.fc7(F.relu(model.fc6(h))))
+            h7 = model.hidden(x)
             logits = model.fc8(h7)
         row = {"fc7_mean": h7.mean().item(), "fc7_image_dependence": (h7.std(0).mean() / h7.mean()).item(),
                "logit_spread": (logits.std(0).mean() / logits.abs().mean()).item(),
                "loss_at_init": F.cross_entropy(logits, y).item()}
         out[name] = row
-        print(f"{name:12s} {row['fc7_mean']:9.3g} {row['fc7_image_dependence']:17.2e} {row['logit_spread']:20.2e} "
+        print(f"{name:13s} {row['fc7_mean']:9.3g} {row['fc7_image_dependence']:17.2e} {row['logit_spread']:20.2e} "
               f"{row['loss_at_init']:14.3f}")
     return out
 
 
-def trace(shards: str, names: list[str], steps: int, batch_size: int, lr: float) -> dict:
-    """The first `steps` steps of each variant, with the trainer's own optimizer and step, and at each
-    step: the loss, and on a fixed batch of val images in eval mode, the share of fc7 units that are
-    zero for every image (dead), how much fc7's output depends on the image (std across images /
-    mean), and the logits' spread across images relative to their size.
-    Shows where the signal goes when a variant stays at chance."""
-    import torch
-    import torch.nn.functional as F
-
+def run_variant(shards: str, spec: str, name: str, batch: int, a, num_classes: int) -> dict:
+    """One model.train run of a variant (or its finished run, with --reuse); its numbers."""
     from model import train
-    from model.alexnet import AlexNet
-    from pipeline import make_loader
-    from pipeline.normalization import Normalization
-    out = {}
-    for name in names:
-        cfg = train.config_from_args(["--shards", shards, "--lr", str(lr), *VARIANTS[name]])
-        recipe = train.resolve_recipe(cfg)
-        norm = Normalization.from_shards(shards, recipe.input_norm, recipe.train_scale)
-        loader = make_loader(shards, "train", batch_size=batch_size, normalization=norm, lighting=recipe.lighting,
-                             num_threads=2)
-        torch.manual_seed(0)
-        model = AlexNet(cfg=recipe.model_config(len(loader.classes)))
-        optimizer = train.make_optimizer(model, recipe)
-        seen = {}
-        model.fc7.register_forward_hook(lambda m, i, o: seen.__setitem__("fc7", F.relu(o.detach())))
-        model.fc8.register_forward_hook(lambda m, i, o: seen.__setitem__("fc8", o.detach()))
-        probe, _ = next(iter(make_loader(shards, "val", batch_size=batch_size, normalization=norm, num_threads=2)))
-        rows, step = [], 0
-        while step < steps:
-            for x, y in loader:
-                loss = train.train_step(model, optimizer, x, y, recipe.lr, bf16=False)
-                with torch.no_grad():  # the probe: fixed val images, eval mode (no dropout noise)
-                    model.eval()
-                    model(probe)
-                    model.train()
-                h7, logits = seen["fc7"], seen["fc8"]
-                rows.append({"step": step + 1, "loss": loss.item(), "fc7_dead": (h7.amax(0) == 0).float().mean().item(),
-                             "fc7_image_dependence": (h7.std(0).mean() / h7.mean().clamp_min(1e-12)).item(),
-                             "logit_spread": (logits.std(0).mean() / logits.abs().mean()).item()})
-                step += 1
-                if step == steps:
-                    break
-        out[name] = rows
-        print(f"\n{name}: step   loss    fc7 dead   fc7 image-dependence   logit spread / size")
-        for r in rows:
-            if r["step"] in (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60, 80, 100) or r["step"] == steps:
-                print(f"{'':12s}{r['step']:4d} {r['loss']:7.3f} {100 * r['fc7_dead']:8.1f}% "
-                      f"{r['fc7_image_dependence']:17.2e} {r['logit_spread']:20.2e}")
-    return out
+    run = os.path.join(a.out, spec.replace("@", "-b"))
+    metrics = os.path.join(run, "metrics.jsonl")
+    args = ["--shards", shards, "--out", run, "--epochs", str(a.epochs), "--batch-size", str(batch),
+            "--schedule", "step", "--step-epochs", "100000", "--devices", a.devices, "--log-every", "1",
+            "--probe-every", str(a.probe_every), "--stall-steps", "0", "--no-checkpoints", *VARIANTS[name]]
+    records = []
+    if a.reuse and os.path.exists(metrics):
+        with open(metrics) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    if sum(r["kind"] == "epoch" for r in records) != a.epochs:
+        shutil.rmtree(run, ignore_errors=True)
+        print(f"--- {spec}: python -m model.train {' '.join(args)}", flush=True)
+        rc = train.main(args)
+        with open(metrics) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        rc = 0
+        print(f"--- {spec}: reusing {run}", flush=True)
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    steps = [r for r in records if r["kind"] == "step"]
+    losses = [r["train_loss"] for r in steps]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    return {"variant": name, "batch_size": batch, "lr": config["lr"]["weights"], "lr_rule": config["lr"]["rule"],
+            "exit": rc, "losses": losses,
+            "fc7_dead": {r["step"]: r["fc7_dead"] for r in steps if "fc7_dead" in r},
+            "first4": sum(losses[:4]) / max(1, len(losses[:4])), "peak": max(losses, default=float("nan")),
+            "last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "leaves_chance_at_step": leaves_chance_at(losses, num_classes),
+            "val": [{k: e[k] for k in ("step", "val_loss", "val_top1_error", "val_top5_error")} for e in epochs]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("shards")
-    p.add_argument("--steps", type=int, default=300, help="at least this many steps per variant (whole epochs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01, help="constant, for every variant")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training set, for every variant")
+    p.add_argument("--batch-size", type=int, default=128, help="the paper's; NAME@B overrides it per variant")
+    p.add_argument("--probe-every", type=int, default=4, help="steps between fc7 probes")
     p.add_argument("--devices", default="auto")
     p.add_argument("--out", default="runs/init_study")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated NAME or NAME@BATCH, of: "
+                   + ", ".join(VARIANTS))
+    p.add_argument("--reuse", action="store_true", help="keep the finished runs of earlier calls into --out")
     p.add_argument("--diagnose-only", action="store_true", help="only the table at initialisation")
-    p.add_argument("--trace", type=int, default=0, metavar="STEPS",
-                   help="only follow each variant's first STEPS steps (loss, dead fc7 units, image dependence)")
     a = p.parse_args(argv)
-    names = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or a.steps < 1 or a.batch_size < 1:
-        p.error(f"unknown variants {unknown}" if unknown else "--steps and --batch-size must be >= 1")
+    specs = [v.strip() for v in a.variants.split(",") if v.strip()]
+    try:
+        parsed = [parse_variant(v, a.batch_size) for v in specs]
+    except ValueError as e:
+        p.error(str(e))
+    if a.epochs < 1 or a.batch_size < 1 or a.probe_every < 1:
+        p.error("--epochs, --batch-size and --probe-every must be >= 1")
     os.makedirs(a.out, exist_ok=True)
-    if a.trace:
-        with open(os.path.join(a.out, "trace.json"), "w") as f:
-            json.dump(trace(a.shards, names, a.trace, a.batch_size, a.lr), f)
-        return 0
+    from pipeline.shards import load_manifest
+    manifest = load_manifest(a.shards)
+    num_classes, train_images = len(manifest["classes"]), manifest["splits"]["train"]["samples"]
+    names = list(dict.fromkeys(n for n, _ in parsed))
     report = {"diagnosis": diagnose(a.shards, names, min(a.batch_size, 64))}
     if a.diagnose_only:
         return 0
-    from model import train
-    from pipeline.shards import load_manifest
-    train_images = load_manifest(a.shards)["splits"]["train"]["samples"]
-    steps_per_epoch = -(-train_images // a.batch_size)
-    epochs = -(-a.steps // steps_per_epoch)
-    num_classes = len(load_manifest(a.shards)["classes"])
-    print(f"\n{len(names)} variants x {epochs} epochs of {steps_per_epoch} steps (batch {a.batch_size}, "
-          f"constant lr {a.lr}); chance: loss ln {num_classes} = {math.log(num_classes):.3f}, "
+    print(f"\n{len(specs)} runs x {a.epochs} epochs of {train_images} images, each at its recipe's step per image "
+          f"and a constant lr; chance: loss ln {num_classes} = {math.log(num_classes):.3f}, "
           f"top-1 error {100 * (1 - 1 / num_classes):.1f}%", flush=True)
-    runs = {}
-    for name in names:
-        run = os.path.join(a.out, name)
-        shutil.rmtree(run, ignore_errors=True)
-        print(f"--- {name}", flush=True)
-        rc = train.main(["--shards", a.shards, "--out", run, "--epochs", str(epochs), "--batch-size",
-                         str(a.batch_size), "--lr", str(a.lr), "--schedule", "step", "--step-epochs", "100000",
-                         "--devices", a.devices, "--log-every", "1", "--stall-steps", "0", *VARIANTS[name]])
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
-        losses = [r["train_loss"] for r in records if r["kind"] == "step"]
-        runs[name] = {"exit": rc, "losses": losses, "first4": sum(losses[:4]) / max(1, len(losses[:4])),
-                      "last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
-                      "val_top1_error": [r["val_top1_error"] for r in records if r["kind"] == "epoch"]}
+    runs = {spec: run_variant(a.shards, spec, name, batch, a, num_classes) for spec, (name, batch) in zip(specs, parsed)}
     report["runs"] = runs
-    report["setup"] = {"shards": a.shards, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
-                       "batch_size": a.batch_size, "lr": a.lr, "num_classes": num_classes}
-    print(f"\nvariant       first 4 steps   last 10 steps   val top-1 error per epoch    (chance: loss "
-          f"{math.log(num_classes):.3f})")
-    for name, r in runs.items():
-        errs = " ".join(f"{100 * e:5.1f}%" for e in r["val_top1_error"])
-        print(f"{name:12s} {r['first4']:14.3f} {r['last10']:15.3f}   {errs}"
-              + ("" if r["exit"] == 0 else f"   (stopped: exit {r['exit']})"))
+    report["setup"] = {"shards": a.shards, "epochs": a.epochs, "train_images": train_images,
+                       "num_classes": num_classes, "probe_every": a.probe_every, "window": WINDOW}
+    print_table(runs, num_classes)
     with open(os.path.join(a.out, "init_study.json"), "w") as f:
         json.dump(report, f, indent=1)
     draw(runs, num_classes, os.path.join(a.out, "init_study.png"))
-    print(f"plot: {os.path.join(a.out, 'init_study.png')}")
+    print(f"numbers: {os.path.join(a.out, 'init_study.json')}; plot: {os.path.join(a.out, 'init_study.png')}")
     return 0
+
+
+def print_table(runs: dict, num_classes: int) -> None:
+    print(f"\nvariant            batch  lr       first 4 (peak)   last 10   leaves chance   val top-1 error per "
+          f"epoch   (chance: loss {math.log(num_classes):.3f})")
+    for spec, r in runs.items():
+        errs = " ".join(f"{100 * e['val_top1_error']:5.1f}%" for e in r["val"])
+        left = "never" if r["leaves_chance_at_step"] is None else f"step {r['leaves_chance_at_step']}"
+        print(f"{spec:18s} {r['batch_size']:5d}  {r['lr']:<8.4g} {r['first4']:6.3f} ({r['peak']:6.3f})  "
+              f"{r['last10']:7.3f}   {left:13s}   {errs}" + ("" if r["exit"] == 0 else f"   (stopped: exit {r['exit']})"))
+    probes = sorted({s for r in runs.values() for s in r["fc7_dead"]})
+    if probes:
+        print("\nfc7 units dead (0 for every image of a val batch), by images seen:")
+        for spec, r in runs.items():
+            row = " ".join(f"{r['batch_size'] * s:>6d}:{100 * d:5.1f}%" for s, d in list(r["fc7_dead"].items())[::3])
+            print(f"{spec:18s} {row}")
 
 
 def draw(runs: dict, num_classes: int, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, r in runs.items():
-        losses = r["losses"]
-        k = 10  # a 10-step running mean: single steps are noisy at this batch size
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for spec, r in runs.items():
+        losses, b = r["losses"], r["batch_size"]
+        k = max(1, 10 * 128 // b)  # a running mean over ~1,280 images: single steps are noisy
         smooth = [sum(losses[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
-        ax.plot(range(1, len(losses) + 1), smooth, label=name)
+        line, = ax.plot([b * (i + 1) for i in range(len(losses))], smooth, label=f"{spec} (lr {r['lr']:.3g})")
+        bx.plot([b * int(s) for s in r["fc7_dead"]], [100 * d for d in r["fc7_dead"].values()], color=line.get_color(),
+                label=spec)
     ax.axhline(math.log(num_classes), color="grey", ls="--", lw=1, label=f"chance, ln {num_classes}")
-    ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="AlexNet recipes: the start of training",
-           ylim=(0, 2 * math.log(num_classes)))
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set(xlabel="training images seen", ylabel="training loss (running mean over ~1,280 images)",
+           title="AlexNet inits in the paper's regime: the loss", ylim=(0, 2 * math.log(num_classes)))
+    bx.set(xlabel="training images seen", ylabel="% of fc7 units dead on a val batch",
+           title="fc7 units that output 0 for every image", ylim=(0, 100))
+    for x in (ax, bx):
+        x.grid(alpha=0.3)
+        x.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

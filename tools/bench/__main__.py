@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--dry-run", action="store_true", help="gpu: rehearse on the CPU with tiny sizes")
-    p.add_argument("--study-steps", type=int, default=None,
-                   help="gpu: steps per recipe in the recipe study (default 2000, dry run 2; 0 skips it)")
+    p.add_argument("--study-epochs", type=int, default=None,
+                   help="gpu: epochs per variant in the recipe study (default 20, dry run 1; 0 skips it)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="gpu: the GPU's dense bf16 peak for the fraction of peak (H100/H200 SXM: 989)")
     a = p.parse_args(argv)

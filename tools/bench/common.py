@@ -107,13 +107,15 @@ def _epoch_timing(loader) -> tuple[float, float]:
 
 
 def _trainer_rate(out: str, run: str, backend: str, batch: int, device: str = "cpu", epochs: int = 1) -> float:
-    """model.train's images/s over its training loop alone (not evaluation), in its last epoch."""
+    """model.train's images/s over its training loop alone (not evaluation): the mean over its epochs
+    after the first (which includes start-up and, with --compile, compilation)."""
     from model import train
     assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", str(epochs), "--batch-size", str(batch),
-                               "--init", "kaiming", "--devices", device, "--backend", backend,
+                               "--init", "kaiming", "--devices", device, "--backend", backend, "--no-checkpoints",
                                "--log-every", "1000"]) == 0
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["images_per_s"]
+        rates = [r["images_per_s"] for r in map(json.loads, f) if r["kind"] == "epoch"]
+    return float(np.mean(rates[1:] or rates))
 
 
 def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | None = None) -> float:

@@ -1,0 +1,169 @@
+"""The lines a GPU run goes through, run on the CPU: torch.cuda faked (is_available, device_count, and
+the C call under set_device, so torch's own argument checks still run), process groups, DDP and
+torch.compile recorded, the DALI loader's pipeline arguments captured before a GPU would be needed.
+What only a GPU can run is listed in docs/DESIGN.md ("GPU-only lines")."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import train
+from model.alexnet import AlexNet, AlexNetConfig, TwoDeviceAlexNet
+from model.recipes import resolve
+from pipeline import make_loader
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with two CUDA GPUs, as far as device selection can tell; returns the indices that
+    reach the driver through torch.cuda.set_device."""
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", set_to.append, raising=False)  # below torch's own checks
+    return set_to
+
+
+@pytest.mark.parametrize("spec, world, local_rank, expected", [
+    ("auto", 1, 0, ["cuda:0"]), ("cuda", 1, 0, ["cuda:0"]), ("cuda:1", 1, 0, ["cuda:1"]),
+    ("cuda:0,cuda:1", 1, 0, ["cuda:0", "cuda:1"]), ("auto", 2, 1, ["cuda:1"]), ("cuda", 2, 1, ["cuda:1"]),
+    ("cpu", 1, 0, ["cpu"]),
+])
+def test_every_device_spec_reaches_set_device_with_an_index(fake_gpus, spec, world, local_rank, expected):
+    cfg = train.TrainConfig(shards="unused")
+    devices = train.parse_devices(spec, world, local_rank)
+    assert devices == expected
+    device, bf16, channels_last = train.place(devices, cfg)  # the real torch.cuda.set_device
+    on_gpu = expected[0] != "cpu"
+    assert fake_gpus == ([int(expected[0].split(":")[1])] if on_gpu else [])
+    assert device == torch.device(expected[0]) and bf16 == on_gpu
+    assert channels_last == (on_gpu and len(expected) == 1)  # the two halves stay NCHW
+
+
+@pytest.mark.parametrize("spec, needle", [("cuda:2", "cuda:2 does not exist (this machine has 2 CUDA GPUs)"),
+                                          ("cuda:0,cuda:1,cuda:0", "give one device, or two"),
+                                          ("mps", "only cpu and cuda devices")])
+def test_impossible_devices_are_usage_errors(fake_gpus, spec, needle):
+    with pytest.raises(train.UsageError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        train.parse_devices(spec)
+
+
+def test_cuda_without_a_gpu_is_a_usage_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert train.parse_devices("auto") == ["cpu"]
+    with pytest.raises(train.UsageError, match="torch sees no CUDA GPU"):
+        train.parse_devices("cuda")
+
+
+def test_two_halves_under_torchrun_are_refused(fake_gpus):
+    with pytest.raises(train.UsageError, match="two halves runs in one process"):
+        train.parse_devices("cuda:0,cuda:1", world=2, local_rank=0)
+
+
+def test_process_group_ddp_and_compile_get_the_ranks_device(monkeypatch):
+    calls = {}
+
+    def ddp(module, device_ids=None):
+        calls["ddp"] = device_ids
+        return module
+
+    def compile(net, **options):
+        calls["compile"] = options
+        return net
+
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, device_id=None: calls.update(pg=(backend, device_id)))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    monkeypatch.setattr(torch, "compile", compile)
+    gpu = torch.device("cuda:1")
+    train.init_distributed(2, gpu)
+    assert calls.pop("pg") == ("nccl", gpu)
+    train.init_distributed(2, torch.device("cpu"))
+    assert calls.pop("pg") == ("gloo", None)
+    train.init_distributed(1, gpu)
+    assert "pg" not in calls  # one process: no group
+    model = torch.nn.Linear(2, 2)
+    assert train.wrap(model, 2, gpu, compile=True) is model
+    assert calls == {"ddp": [1], "compile": {"dynamic": False}}
+    calls.clear()
+    train.wrap(model, 2, torch.device("cpu"), compile=False)
+    assert calls == {"ddp": None}
+
+
+def test_the_dali_loader_asks_for_the_gpu_decoder_on_the_ranks_gpu(fake_gpus, shards, monkeypatch):
+    """The pipeline's arguments on a GPU device: nvJPEG ('mixed'), the device's own index, a thread
+    count for a GPU, the hardware decoder's share; captured before DALI would need the GPU."""
+    from pipeline import dali
+    seen = {}
+
+    class Built:
+        def build(self):
+            pass
+
+    def fake_pipeline(feed, gpu, crop, shift, divisor, layout, hw_decoder_load, **kw):
+        seen.update(gpu=gpu, crop=crop, layout=layout, hw_decoder_load=hw_decoder_load, **kw)
+        return Built()
+
+    monkeypatch.setattr(dali, "shard_pipeline", fake_pipeline)
+    monkeypatch.setattr(dali, "DALIGenericIterator", lambda pipes, names: iter(()))
+    loader = make_loader(shards, "train", batch_size=16, device="cuda:1", backend="dali", channels_last=True,
+                         verify=False)
+    loader._build(0, 0)
+    assert seen["gpu"] is True and seen["device_id"] == 1 and seen["layout"] == "HWC"
+    assert seen["hw_decoder_load"] == 0.65 and 1 <= seen["num_threads"] <= 8 and seen["batch_size"] == 16
+
+
+def test_the_dali_feed_passes_whole_arrays(shards):
+    """Per-sample arguments as arrays with the batch first: DALI slices them in C++ instead of
+    making a tensor per sample from Python scalars."""
+    loader = make_loader(shards, "train", batch_size=16, backend="dali", verify=False)
+    jpgs, labels, crop_x, crop_y, mirror, mean = loader._feed()
+    assert len(jpgs) == 16 and labels.shape == (16,)
+    for arr, dtype, shape in ((crop_x, np.float32, (16,)), (crop_y, np.float32, (16,)), (mirror, np.int32, (16,)),
+                              (mean, np.float32, (16, 3))):
+        assert isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.shape == shape
+
+
+def test_a_padded_last_batch_gives_the_unpadded_step():
+    """train_step(pad_to=B): one batch shape for torch.compile, and exactly the partial batch's update."""
+    cfg = AlexNetConfig(num_classes=10, dropout=0.0)
+    x, y = torch.randn(3, 3, 224, 224) * 50, torch.tensor([1, 4, 7])
+    weights = []
+    for pad_to in (0, 8):
+        torch.manual_seed(0)
+        model = AlexNet(cfg=cfg)
+        shapes = []
+        model.conv1.register_forward_pre_hook(lambda m, i: shapes.append(i[0].shape[0]))
+        opt = train.make_optimizer(model, resolve("paper", {}))
+        loss = train.train_step(model, opt, x, y, 0.01, bf16=False, pad_to=pad_to)
+        assert shapes == [8 if pad_to else 3]
+        weights.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (l0, w0), (l1, w1) = weights
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_two_halves_copy_the_cast_input_under_autocast():
+    """Under bf16 autocast the input crosses to the second half's device as bf16 (half the bytes)."""
+    model = TwoDeviceAlexNet(AlexNetConfig(num_classes=10), ("cpu", "cpu"))
+    seen = []
+    model.halves[1].conv1.register_forward_pre_hook(lambda m, i: seen.append(i[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 224, 224))
+    assert seen == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("shift, ok", [(0.9, True), (1.5, False)])
+def test_the_decoder_check_tolerates_a_grey_level_on_average(shift, ok):
+    """nvJPEG against libjpeg-turbo: a mean difference up to one grey level passes, more does not; the
+    maximum is reported."""
+    from tools.bench.gpu import decoder_agreement
+    cpu = torch.zeros(2, 3, 224, 224)
+    gpu = cpu + shift
+    gpu[0, 0, 0, 0] = 4.0
+    result = decoder_agreement(cpu, gpu)
+    assert result["ok"] is ok and result["max_abs_diff"] == 4.0
+    assert result["mean_abs_diff"] == pytest.approx(shift, abs=1e-4)

@@ -60,5 +60,12 @@ def shard_image(data: bytes, size: int = 256, keep_aspect: bool = False, quality
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
         img = img.resize((size, size), filt, box=box)
     out = io.BytesIO()
-    img.save(out, "JPEG", quality=quality, progressive=False, optimize=False)  # no EXIF is carried over
+    try:
+        img.save(out, "JPEG", quality=quality, progressive=False, optimize=False)  # no EXIF is carried over
+    except (OSError, ValueError) as e:  # JPEG sides stop at 65,535 px: --keep-aspect on a panorama
+        raise EncodeError(f"the {img.size[0]}x{img.size[1]} result cannot be written as a JPEG ({e})") from None
     return out.getvalue(), stored
+
+
+class EncodeError(Exception):
+    """The image decoded, but its resized result cannot be stored as a JPEG."""

@@ -813,3 +813,15 @@ def test_a_file_changed_in_place_with_its_size_and_mtime_kept_needs_rehash(sourc
             assert "source changed" not in err  # kept: size and mtime say unchanged
         open(changed, "wb").write(data)
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_an_image_too_wide_to_store_says_encode_not_decode(sources, tmp_path, capsys):
+    """--keep-aspect on a 30000x10 panorama: 256 px high makes it 768,000 px wide, past JPEG's 65,535; it
+    decodes fine, so the line says it cannot be encoded (it used to say 'cannot decode')."""
+    root = _copy_source(sources, tmp_path)
+    wide = os.path.join(root, "train", "n91000000", "n91000000_wide.JPEG")
+    Image.new("RGB", (30000, 10), (10, 200, 30)).save(wide, "PNG")
+    assert build_shards(root, str(tmp_path / "out"), "--keep-aspect") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+    assert err[0].startswith(f"make_shards: {wide}: cannot encode (EncodeError: the 768000x256 result cannot be "
+                             "written as a JPEG"), err

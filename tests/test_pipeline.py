@@ -524,3 +524,24 @@ def test_a_rotated_index_label_column_is_refused(shards, tmp_path):
     loader = make_loader(out, "val", batch_size=16, backend="dali", num_threads=2)
     with pytest.raises(ShardError, match=r"val-000000\.tar: its \.idx does not match the shard at sample "):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--exaggerate", "nan"], "--exaggerate a finite number >= 0"),
+    (["OUT_IN_MISSING_DIR"], "its directory does not exist"),
+    (["--seed", "-1"], "--seed must be in [0, 2^63)"),
+])
+def test_show_batch_refuses_before_drawing(shards, tmp_path, capsys, args, needle):
+    from tools import show_batch
+    out = str(tmp_path / "no" / "dir" / "b.png") if args == ["OUT_IN_MISSING_DIR"] else str(tmp_path / "b.png")
+    with pytest.raises(SystemExit) as e:
+        show_batch.main([shards, out, *[a for a in args if a != "OUT_IN_MISSING_DIR"]])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_show_batch_on_a_missing_directory_does_not_advise_compute_pca(tmp_path, capsys):
+    from tools import show_batch
+    assert show_batch.main([str(tmp_path / "nowhere"), str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"show_batch: {tmp_path / 'nowhere'}: no such shard directory"]

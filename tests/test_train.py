@@ -681,3 +681,25 @@ def test_evaluate_refuses_shards_of_other_classes_with_the_same_count(finished_r
     err = messages(capsys.readouterr().err, "evaluate")
     assert err == [f"evaluate: {ckpt}: was trained on other classes than {shards} has (class 2: {old} in the "
                    "checkpoint, n01440764 in the shards)"]
+
+
+@pytest.mark.parametrize("case", ["json_dir", "synthetic", "empty_val"])
+def test_evaluate_refuses_before_it_evaluates(finished_run, tiny_shards, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    args, shards = [], tiny_shards
+    if case == "json_dir":  # it used to fail after the work, leaving DIR.tmp-<pid>
+        args, needle = ["--json", str(tmp_path)], f"--json {tmp_path}: is a directory"
+    elif case == "synthetic":  # it used to print 'val images: top-1 error ...' of random batches
+        args, needle = ["--backend", "synthetic"], "--backend must be one of dali, wds, auto, not 'synthetic'"
+    else:  # it used to divide by zero
+        shards = str(tmp_path / "s")
+        shutil.copytree(tiny_shards, shards)
+        m = json.load(open(os.path.join(shards, "dataset.json")))
+        m["splits"]["val"] = {"samples": 0, "shards": []}
+        open(os.path.join(shards, "dataset.json"), "w").write(json.dumps(m))
+        needle = "the val split has no images"
+    assert evaluate.main(["--checkpoint", os.path.join(finished_run, "checkpoint.pt"), "--shards", shards,
+                          "--devices", "cpu", *args]) == 2
+    err = messages(capsys.readouterr().err, "evaluate")
+    assert len(err) == 1 and needle in err[0], err
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]

@@ -326,7 +326,8 @@ class ShardRun:
         elapsed = time.time() - t0
         if self.failed:
             for source, reason in sorted(self.failed):
-                print(f"make_shards: {os.path.join(self.src.root, source)}: cannot decode ({reason})", file=sys.stderr)
+                what = "cannot encode" if reason.startswith("EncodeError") else "cannot decode"
+                print(f"make_shards: {os.path.join(self.src.root, source)}: {what} ({reason})", file=sys.stderr)
             print(f"make_shards: {len(self.failed)} undecodable image(s); no dataset.json written. "
                   "Rerun with --allow-skips to list them in the manifest's `skipped` and go on.", file=sys.stderr)
             return 1

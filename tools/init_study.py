@@ -188,7 +188,11 @@ def print_table(runs: dict, num_classes: int) -> None:
     if probes:
         print("\nfc7 units dead (0 for every image of a val batch), by images seen:")
         for spec, r in runs.items():
-            row = " ".join(f"{r['batch_size'] * s:>6d}:{100 * d:5.1f}%" for s, d in list(r["fc7_dead"].items())[::3])
+            seen = {r["batch_size"] * int(s): d for s, d in r["fc7_dead"].items()}
+            # the probe nearest to each of six image counts spread over the run, the same for every batch
+            targets = [round(max(seen) * k / 6) for k in range(1, 7)]
+            row = " ".join(f"{n:>6d}:{100 * seen[n]:5.1f}%" for n in
+                           dict.fromkeys(min(seen, key=lambda n: abs(n - t)) for t in targets))
             print(f"{spec:18s} {row}")
 
 

@@ -18,7 +18,10 @@ import sys
 import torch
 
 from model.alexnet import AlexNetConfig, build, load_canonical
-from model.train import UsageError, evaluate, load_checkpoint, parse_devices, percent, summarize
+from model.checkpoint import load_checkpoint
+from model.devices import parse_devices
+from model.errors import UsageError
+from model.evaluation import evaluate, percent, summarize
 from pipeline import BACKENDS, make_loader
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError

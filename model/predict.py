@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.evaluate import load_model
-from model.train import UsageError, parse_devices
+from model.devices import parse_devices
+from model.errors import UsageError
 from pipeline.images import shard_image
 from pipeline.normalization import Normalization
 from pipeline.plan import crop

@@ -13,24 +13,20 @@ checkpoint.pt (written atomically at every epoch end and every --checkpoint-minu
 `--resume` continues from checkpoint.pt: a run killed at any moment ends with
 bitwise the same weights as an uninterrupted one (on the CPU).
 
-Optimizer: the paper's rule (section 5), per parameter group,
-    v <- m v - lr wd w - lr grad,   w <- w + v
-with the weights at (lr, weight decay) and the biases at (bias_lr_mult * lr, decay only
-with --bias-decay). PyTorch's SGD keeps b = -v / lr instead, which is the same rule at a
-constant lr; at a change of lr set_lr rescales b by old/new so that v carries over as
-in the paper, instead of acting at once with the new lr.
+This module is the run: its options, set-up (check, build, restore, open the run
+directory), the loop and its guards, and the command line. The rest of model/ has one
+job a file: alexnet (the network), recipes (what is learned), optim (the paper's
+update rule and schedule), devices (GPU set-up), checkpoint (save, load, verify, lock),
+evaluation (the loop and its errors), evidence (metrics.jsonl, plot.png), errors.
+evaluate and predict use those rooms, never this module.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,14 +35,21 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.alexnet import (AlexNetConfig, build, canonical_state, fc7_dead_share, load_canonical,
-                           named_canonical_parameters)
+from model.alexnet import AlexNetConfig, build, canonical_state, fc7_dead_share, load_canonical
+from model.checkpoint import (acquire_lock, checkpoint_digest, dataset_id, load_checkpoint,
+                              load_optimizer_state, optimizer_state, pid_alive, release_lock, rng_state, save_atomic,
+                              set_rng_state)
+from model.devices import distributed, init_distributed, parse_devices, place, wrap
+from model.errors import Diverged, RunFailed, UsageError
+from model.evaluation import evaluate, percent, summarize
+from model.evidence import Metrics, draw_plot
+from model.optim import learning_rate, make_optimizer, train_step
 from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, lr_rule, resolve
 from model.recipes import field_help as _f
 from pipeline import BACKENDS, make_loader
+from pipeline.loader import Loader
 from pipeline.normalization import Normalization
 from pipeline.shards import MANIFEST, ShardError, load_manifest
 
@@ -85,375 +88,12 @@ class TrainConfig:
 RESUME_MAY_CHANGE_RECIPE = {"epochs"}
 
 
-class UsageError(Exception):
-    """A bad option or input: printed as one line, exit status 2, nothing written."""
-
-
-class Diverged(Exception):
-    """The training loss became non-finite: printed as one line, exit status 1."""
-
-
-class RunFailed(Exception):
-    """The run cannot go on (a full disk at a checkpoint, say): printed as one line, exit status 1."""
-
-
-# ---------------------------------------------------------------- schedule and optimizer (plain functions)
-
-def plateau_divisions(val_errors: list[float], patience: int, max_divisions: int) -> int:
-    """How often the lr has been divided by 10 after these epochs' val errors."""
-    best, since, divisions = math.inf, 0, 0
-    for err in val_errors:
-        if err < best:
-            best, since = err, 0
-        else:
-            since += 1
-            if since >= patience and divisions < max_divisions:
-                divisions, since = divisions + 1, 0
-    return divisions
-
-
-def learning_rate(recipe: Recipe, epoch: float, val_errors: list[float]) -> float:
-    """The weights' lr at (fractional) `epoch`, given the val errors of the finished epochs."""
-    if recipe.schedule == "plateau":
-        k = plateau_divisions(val_errors, recipe.plateau_patience, recipe.max_lr_divisions)
-    else:
-        k = int(epoch // recipe.step_epochs)
-    lr = recipe.lr / 10 ** k
-    if epoch < recipe.warmup_epochs:
-        lr *= 0.1 + 0.9 * epoch / recipe.warmup_epochs
-    return lr
-
-
-def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
-    """SGD with two parameter groups: weights (lr, weight decay) and biases (bias_lr_mult * lr,
-    weight decay only with bias_decay). Each group's "lr_mult" is what set_lr multiplies."""
-    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    groups = [{"params": weights, "lr_mult": 1.0, "weight_decay": recipe.weight_decay},
-              {"params": biases, "lr_mult": recipe.bias_lr_mult,
-               "weight_decay": recipe.weight_decay if recipe.bias_decay else 0.0}]
-    return torch.optim.SGD([{**g, "lr": recipe.lr * g["lr_mult"]} for g in groups], lr=recipe.lr,
-                           momentum=recipe.momentum)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The weights' lr for the next step. Momentum buffers are rescaled by old/new lr, so that the
-    paper's velocity v = -lr * buffer carries over a change of lr unchanged (module docstring)."""
-    for group in optimizer.param_groups:
-        new = lr * group["lr_mult"]
-        old = group["lr"]
-        if new != old:
-            bufs = [optimizer.state[p]["momentum_buffer"] for p in group["params"]
-                    if optimizer.state.get(p, {}).get("momentum_buffer") is not None]
-            if bufs and old > 0:
-                torch._foreach_mul_(bufs, old / new)
-            group["lr"] = new
-
-
-def train_step(net, optimizer, images, labels, lr: float, bf16: bool, pad_to: int = 0) -> torch.Tensor:
-    """One SGD step on the batch mean of the cross-entropy; returns the loss (detached, no sync).
-    pad_to: a smaller (last) batch runs padded to this many images, and only its own rows enter the
-    loss, so the gradient is the unpadded batch's (no layer mixes images) and a compiled model sees
-    one batch shape: no recompilation, no dynamic-shape graph."""
-    set_lr(optimizer, lr)
-    n = len(labels)
-    if n < pad_to:
-        images = torch.cat([images, images[:1].expand(pad_to - n, *images.shape[1:])])
-    with torch.autocast(device_type=labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = F.cross_entropy(net(images)[:n], labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-# ---------------------------------------------------------------- set-up
-
-def parse_devices(spec: str, world: int = 1, local_rank: int = 0) -> list[str]:
-    """The devices of this process, each with its index ('cuda' alone names no GPU, and
-    torch.cuda.set_device refuses it): 'auto' is cuda:0 where torch sees a GPU, else cpu; under
-    torchrun (world > 1) a CUDA device is this rank's, cuda:LOCAL_RANK."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    devices = [d.strip() for d in spec.split(",") if d.strip()]
-    if not 1 <= len(devices) <= 2:
-        raise UsageError(f"--devices {spec}: give one device, or two for the paper's two halves")
-    if world > 1 and len(devices) == 2:
-        raise UsageError("--devices with two halves runs in one process; use torchrun with one device per rank")
-    for i, d in enumerate(devices):
-        try:
-            dev = torch.device(d)
-        except RuntimeError:
-            raise UsageError(f"--devices {spec}: {d!r} is not a device") from None
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UsageError(f"--devices {spec}: torch sees no CUDA GPU here (--devices cpu, or a CUDA build "
-                                 "of torch)")
-            index = local_rank if world > 1 else (dev.index or 0)
-            if index >= torch.cuda.device_count():
-                raise UsageError(f"--devices {spec}: cuda:{index} does not exist (this machine has "
-                                 f"{torch.cuda.device_count()} CUDA GPUs)")
-            devices[i] = f"cuda:{index}"
-        elif dev.type != "cpu":
-            raise UsageError(f"--devices {spec}: {d!r}: only cpu and cuda devices are supported")
-    return devices
-
-
-def place(devices: list[str], cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
-    """(the main device, bf16, channels-last); makes a CUDA main device the current one, so that
-    collectives and current_device() use this rank's GPU, not cuda:0."""
-    device = torch.device(devices[0])
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.set_device(device)
-    return device, cfg.bf16 and on_gpu, cfg.channels_last and on_gpu and len(devices) == 1
-
-
-def init_distributed(world: int, device: torch.device) -> None:
-    """The process group of a torchrun run: NCCL bound to this rank's GPU, gloo on the CPU."""
-    if world > 1:
-        on_gpu = device.type == "cuda"
-        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
-
-
-def wrap(model: torch.nn.Module, world: int, device: torch.device, compile: bool) -> torch.nn.Module:
-    """What the steps call: DDP (its device the rank's GPU) and/or torch.compile around the model."""
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    return torch.compile(net, dynamic=False) if compile else net  # one shape: train_step pads the last batch
-
-
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def dataset_id(shards: str) -> str:
-    """The shard set's identity: sha256 of its dataset.json (which holds every shard's sha256),
-    whatever path it is reached by."""
-    with open(os.path.join(shards, MANIFEST), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _tensors(obj, prefix: str = ""):
-    """(path, tensor) of every tensor in a nested dict/list, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k], f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}/{i}")
-
-
-def _without_tensors(obj):
-    """The checkpoint's structure and every value that is not a tensor (names, numbers, the
-    normalization, class names), tensors replaced by a marker: what the digest covers besides them."""
-    if isinstance(obj, torch.Tensor):
-        return "<tensor>"
-    if isinstance(obj, dict):
-        return {str(k): _without_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_without_tensors(v) for v in obj]
-    return obj
-
-
-def checkpoint_digest(ckpt: dict) -> str:
-    """sha256 over everything the checkpoint holds: every tensor's name, shape, dtype and bytes (the
-    weights, the momentum, the RNG states), and every other value (the normalization's numbers, the
-    class names, the recipe), so that a flipped byte anywhere is found before it is used."""
-    h = hashlib.sha256()
-    rest = {k: v for k, v in ckpt.items() if k != "digest"}
-    for name, t in _tensors(rest):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
-    # repr keeps a float's every bit (json would too), and sort_keys an order that pickling does not change
-    h.update(json.dumps(_without_tensors(rest), sort_keys=True, default=repr).encode())
-    return h.hexdigest()
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`, its digest verified; UsageError (one line) on anything else."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        digest = ckpt["digest"]
-    except Exception as e:  # noqa: BLE001 - an unreadable or foreign file gets the same one-line answer
-        raise UsageError(f"{path}: not a readable checkpoint of model.train ({type(e).__name__}: {e})") from None
-    if checkpoint_digest(ckpt) != digest:
-        raise UsageError(f"{path}: corrupt: its contents do not match the checksum stored with them")
-    return ckpt
-
-
-def save_atomic(obj, path: str) -> None:
-    """Written to a temporary name and renamed: a crash or a full disk leaves the old file whole
-    and no temporary file behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except RuntimeError as e:  # torch's zip writer reports a full disk as "file write failed" / "unexpected pos"
-        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < (16 << 20)  # before tmp goes
-        raise OSError(errno.ENOSPC if full else errno.EIO,
-                      os.strerror(errno.ENOSPC) if full else str(e).strip().splitlines()[0][:200], path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict:
-    """SGD's momentum buffers by canonical parameter name (they load into either model layout),
-    and each group's current lr (the scale the buffers were accumulated at)."""
-    momentum = {}
-    for name, params in named_canonical_parameters(model):
-        bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-        if all(b is not None for b in bufs):
-            momentum[name] = torch.cat([b.detach().cpu() for b in bufs])
-    return {"momentum": momentum, "lr": [g["lr"] for g in optimizer.param_groups]}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, model, state: dict) -> None:
-    for name, params in named_canonical_parameters(model):
-        buf = state["momentum"].get(name)
-        if buf is None:
-            continue
-        for p, piece in zip(params, torch.split(buf, [p.shape[0] for p in params])):  # halves: rows of dim 0
-            optimizer.state[p]["momentum_buffer"] = piece.to(p.device).clone()
-    for group, lr in zip(optimizer.param_groups, state.get("lr", [])):
-        group["lr"] = lr
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restores what this machine can hold: a checkpoint from a machine with more (or fewer) GPUs
-    restores the generators of the GPUs both have."""
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        for i, s in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
-
-
-# ---------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(model, loader, device, bf16: bool, progress: bool = False) -> torch.Tensor:
-    """[loss sum, top-1 right, top-5 right, samples] over this rank's part of the split (the caller
-    reduces). Ten crops: the softmax outputs of the crops are averaged (section 4.1)."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 right, top-5 right
-    samples = 0  # counted on the host: no device sync per batch
-    # A with-block: the bar ends its line even when the loader raises, so the error gets a line of its own.
-    with tqdm(loader, total=len(loader), desc="evaluate", unit="batch", disable=not progress,
-              dynamic_ncols=True, mininterval=1.0, file=sys.stderr) as batches:
-        for images, labels in batches:
-            labels = labels.to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                if images.dim() == 5:
-                    b, n = images.shape[:2]
-                    probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, n, -1).mean(1)
-                else:
-                    probs = F.softmax(model(images).float(), 1)
-            top5 = probs.topk(min(5, probs.shape[1]), 1).indices
-            sums += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
-                                 (top5[:, 0] == labels).sum().double(),
-                                 (top5 == labels[:, None]).any(1).sum().double()])
-            samples += len(labels)
-    model.train()
-    return torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=device)])
-
-
-def summarize(sums: torch.Tensor, num_classes: int) -> dict:
-    """Mean loss and errors. Top-5 error is None (n/a) with 5 classes or fewer, where it is 0 by construction."""
-    loss, right1, right5, n = sums.tolist()
-    return {"val_loss": loss / n, "val_top1_error": 1 - right1 / n,
-            "val_top5_error": 1 - right5 / n if num_classes > 5 else None, "val_samples": int(n)}
-
-
-def percent(error: float | None) -> str:
-    return "n/a" if error is None else f"{100 * error:.1f}%"
-
-
-# ---------------------------------------------------------------- evidence
-
-def draw_plot(path: str, epochs: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    x = [e["epoch"] + 1 for e in epochs]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    ax[0].plot(x, [e["train_loss"] for e in epochs], "o-", label="train")
-    ax[0].plot(x, [e["val_loss"] for e in epochs], "o-", label="val")
-    ax[0].set(title="loss (cross-entropy)", xlabel="epoch")
-    ax[1].plot(x, [100 * e["val_top1_error"] for e in epochs], "o-", label="top-1")
-    if all(e["val_top5_error"] is not None for e in epochs):  # n/a with 5 classes or fewer
-        ax[1].plot(x, [100 * e["val_top5_error"] for e in epochs], "o-", label="top-5")
-    ax[1].set(title="validation error (%)", xlabel="epoch", ylim=(0, 100))
-    ax[2].semilogy(x, [e["lr"] for e in epochs], "o-")
-    ax[2].set(title="learning rate (weights)", xlabel="epoch")
-    for a in ax[:2]:
-        a.legend()
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-class Metrics:
-    """RUN/metrics.jsonl, one JSON object per line; a resumed run first drops lines past its checkpoint."""
-
-    def __init__(self, path: str, resume_at: tuple[int, int] | None):
-        self.path = path
-        self.epochs: list[dict] = []
-        if resume_at is None:
-            if os.path.exists(path):
-                os.remove(path)
-            return
-        if os.path.exists(path):
-            epoch, step = resume_at
-            kept, bad = [], 0
-            with open(path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a line half-written when the run was killed
-                        record = None
-                    if isinstance(record, dict) and "step" in record and "kind" in record:
-                        kept.append(record)
-                    elif line.strip():
-                        bad += 1
-            if bad:
-                print(f"train: {path}: dropped {bad} unreadable line(s), as a killed run leaves them",
-                      file=sys.stderr, flush=True)
-            kept = [r for r in kept if r["step"] <= step and not (r["kind"] == "epoch" and r["epoch"] >= epoch)]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            self.epochs = [r for r in kept if r["kind"] == "epoch"]
-
-    def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if record["kind"] == "epoch":
-            self.epochs.append(record)
 
 
 class LossGuard:
@@ -518,8 +158,8 @@ class Run:
     net: torch.nn.Module            # what the steps call: DDP and/or compiled around the model
     optimizer: torch.optim.Optimizer
     norm: Normalization
-    train_loader: object
-    val_loader: object
+    train_loader: Loader
+    val_loader: Loader
     ckpt_path: str
     dataset: str                    # dataset_id of the shards
     val_errors: list[float]
@@ -573,39 +213,82 @@ def _load_checkpoint(cfg: TrainConfig, recipe: Recipe, ckpt_path: str, dataset: 
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Check the options, build loaders, model and optimizer, and load the checkpoint when resuming.
-    Writes nothing until every check has passed."""
+    """check -> build -> restore -> open the run directory. Nothing is written before the last step,
+    so a refused run leaves OUT as it was."""
     recipe = resolve_recipe(cfg)
     rank, world, local_rank = distributed()
     devices = parse_devices(cfg.devices, world, local_rank)
+    check_run_options(cfg, recipe, world)
+    dataset = check_shards(cfg.shards)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    checkpoint = _load_checkpoint(cfg, recipe, ckpt_path, dataset)
+    run, pca_changed = build_run(cfg, recipe, rank, world, devices, dataset, ckpt_path, checkpoint)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    else:
+        torch.manual_seed(cfg.seed + 1000 * rank)  # dropout masks differ across ranks
+    run.net = wrap(run.model, world, run.device, cfg.compile)
+    if run.main:
+        open_run_dir(run, resume_at=(run.start_epoch, run.step) if checkpoint is not None else None)
+        if pca_changed:
+            print(f"train: {cfg.shards}/pca.json is missing or differs from the one this run started with; "
+                  "the run keeps its own (stored in the checkpoint)", file=sys.stderr, flush=True)
+        print(f"AlexNet, recipe {cfg.recipe} ({recipe.init} init, input {recipe.input_norm}, "
+              f"bias lr x{recipe.bias_lr_mult:g}, lighting {'on' if recipe.lighting else 'off'}) on "
+              f"{'+'.join(devices)} x {world} rank(s), {run.num_classes} classes, "
+              f"{run.train_loader.num_samples * world} train images/epoch, batch {recipe.batch_size}, "
+              f"{lr_rule(cfg.recipe, cfg.overrides)} ({recipe.schedule}), loader "
+              f"{type(run.train_loader).__name__} -> {cfg.out}", flush=True)
+    return run
+
+
+def check_run_options(cfg: TrainConfig, recipe: Recipe, world: int) -> None:
+    """UsageError naming the first run option out of range (the recipe's values: Recipe.validate)."""
     if recipe.batch_size % world:
         raise UsageError(f"--batch-size {recipe.batch_size} is not divisible across {world} ranks")
-    check_run_options(cfg)
+    if cfg.log_every < 1:
+        raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in [0, 2^63), not {cfg.seed}")
+    if cfg.loader_threads < 0:
+        raise UsageError(f"--loader-threads must be >= 0 (0: all cores), not {cfg.loader_threads}")
+    if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
+        raise UsageError(f"--checkpoint-minutes must be a finite number >= 0, not {cfg.checkpoint_minutes}")
+    if cfg.stall_steps < 0:
+        raise UsageError(f"--stall-steps must be >= 0, not {cfg.stall_steps}")
     if cfg.backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
+    if cfg.probe_every < 0 or cfg.probe_every % cfg.log_every:
+        raise UsageError(f"--probe-every must be 0 or a multiple of --log-every ({cfg.log_every}), "
+                         f"not {cfg.probe_every}")
     if cfg.tensorboard:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    if cfg.probe_every < 0 or cfg.probe_every % cfg.log_every:
-        raise UsageError(f"--probe-every must be 0 or a multiple of --log-every ({cfg.log_every}), "
-                         f"not {cfg.probe_every}")
-    device, bf16, channels_last = place(devices, cfg)
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+
+
+def check_shards(shards: str) -> str:
+    """The shard set's identity (dataset_id), once it is known to hold a train and a val split."""
     try:
-        dataset = dataset_id(cfg.shards)
-        splits = load_manifest(cfg.shards)["splits"]
+        dataset = dataset_id(shards)
+        splits = load_manifest(shards)["splits"]
     except OSError:
-        raise UsageError(f"{cfg.shards}: no such shard directory (no {MANIFEST})") from None
+        raise UsageError(f"{shards}: no such shard directory (no {MANIFEST})") from None
     except ShardError as e:
         raise UsageError(str(e)) from None
     missing = [s for s in ("train", "val") if s not in splits]
     if missing:  # before any advice about pca.json, which is computed from the train split
-        raise UsageError(f"{cfg.shards}: has no {missing[0]} split (made with --splits "
-                         f"{','.join(splits)}); training needs train and val")
-    checkpoint = _load_checkpoint(cfg, recipe, ckpt_path, dataset)
+        raise UsageError(f"{shards}: has no {missing[0]} split (made with --splits {','.join(splits)}); "
+                         "training needs train and val")
+    return dataset
 
+
+def build_run(cfg: TrainConfig, recipe: Recipe, rank: int, world: int, devices: list[str], dataset: str,
+              ckpt_path: str, checkpoint: dict | None) -> tuple[Run, bool]:
+    """The loaders, the model (initialised from the seed) and the optimizer; and whether pca.json
+    differs from the normalization a resumed run keeps."""
+    device, bf16, channels_last = place(devices, cfg.bf16, cfg.channels_last)
     try:
         pca_changed = False
         if checkpoint is not None:  # the numbers the run was trained with, whatever pca.json says now
@@ -624,95 +307,34 @@ def setup(cfg: TrainConfig) -> Run:
                                  crop="ten" if cfg.ten_crop else "center", **loader_args)
     except (ShardError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-    num_classes = len(train_loader.manifest["classes"])
-
     init_distributed(world, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in either layout
-    model_cfg = recipe.model_config(num_classes)
+    model_cfg = recipe.model_config(len(train_loader.manifest["classes"]))
     model = build(model_cfg, devices)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe)
     run = Run(cfg=cfg, recipe=recipe, rank=rank, world=world, devices=devices, device=device, bf16=bf16,
-              channels_last=channels_last, model_cfg=model_cfg, model=model, net=model, optimizer=optimizer,
-              norm=norm, train_loader=train_loader, val_loader=val_loader, ckpt_path=ckpt_path, dataset=dataset,
-              val_errors=[], start_epoch=0, step=0)
-    if checkpoint is not None:
-        load_canonical(model, checkpoint["model"])
-        load_optimizer_state(optimizer, model, checkpoint["optimizer"])
-        run.val_errors = list(checkpoint["scheduler"]["val_errors"])
-        run.start_epoch, run.step = checkpoint["epoch"], checkpoint["step"]
-        run.saved_step = run.step
-        try:
-            train_loader.load_state_dict(checkpoint["loader"])
-        except ValueError as e:  # another world size or batch: the position means nothing here
-            raise UsageError(f"{ckpt_path}: cannot resume here: {e} (resume with the same number of ranks "
-                             "and --batch-size)") from None
-        rngs = checkpoint["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        run.stall_checked = checkpoint.get("stall_checked", False)
-    else:
-        torch.manual_seed(cfg.seed + 1000 * rank)  # dropout masks differ across ranks
-    run.net = wrap(model, world, device, cfg.compile)
-
-    if run.main:
-        open_run_dir(run, resume_at=(run.start_epoch, run.step) if checkpoint is not None else None)
-        if pca_changed:
-            print(f"train: {cfg.shards}/pca.json is missing or differs from the one this run started with; "
-                  "the run keeps its own (stored in the checkpoint)", file=sys.stderr, flush=True)
-        print(f"AlexNet, recipe {cfg.recipe} ({recipe.init} init, input {recipe.input_norm}, "
-              f"bias lr x{recipe.bias_lr_mult:g}, lighting {'on' if recipe.lighting else 'off'}) on "
-              f"{'+'.join(devices)} x {world} rank(s), {num_classes} classes, {train_loader.num_samples * world} "
-              f"train images/epoch, batch {recipe.batch_size}, {lr_rule(cfg.recipe, cfg.overrides)} "
-              f"({recipe.schedule}), "
-              f"loader {type(train_loader).__name__} -> {cfg.out}", flush=True)
-    return run
+              channels_last=channels_last, model_cfg=model_cfg, model=model, net=model,
+              optimizer=make_optimizer(model, recipe), norm=norm, train_loader=train_loader, val_loader=val_loader,
+              ckpt_path=ckpt_path, dataset=dataset, val_errors=[], start_epoch=0, step=0)
+    return run, pca_changed
 
 
-def acquire_lock(out: str) -> int:
-    """OUT/.lock, held with flock(2) for the run's life, with this process's pid inside for people:
-    a second live run into the same OUT is refused; a lock file left by a run that died is taken
-    over, whatever pid it names (the kernel releases a dead process's lock, and a reused pid cannot
-    pass for a run). Returns the lock's file descriptor (release_lock closes it)."""
-    path = os.path.join(out, ".lock")
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+def restore(run: Run, checkpoint: dict) -> None:
+    """A resumed run's weights, momentum, schedule, position and random generators."""
+    load_canonical(run.model, checkpoint["model"])
+    load_optimizer_state(run.optimizer, run.model, checkpoint["optimizer"])
+    run.val_errors = list(checkpoint["scheduler"]["val_errors"])
+    run.start_epoch, run.step = checkpoint["epoch"], checkpoint["step"]
+    run.saved_step = run.step
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UsageError(f"{out}: in use by another run (pid {holder}, {path}); wait for it or choose another --out")
-    left = os.read(fd, 64).decode(errors="replace").strip()
-    if left:
-        print(f"train: {path}: taking over the lock left by pid {left}, which no longer holds it",
-              file=sys.stderr, flush=True)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def release_lock(out: str, fd: int) -> None:
-    """Removes OUT/.lock, then lets go of it (in that order: no window where another run could take
-    the file and then lose it to the removal)."""
-    try:
-        os.remove(os.path.join(out, ".lock"))
-    except FileNotFoundError:
-        pass
-    os.close(fd)
-
-
-def check_run_options(cfg: TrainConfig) -> None:
-    """UsageError naming the first run option out of range (the recipe's values: Recipe.validate)."""
-    if cfg.log_every < 1:
-        raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
-    if not 0 <= cfg.seed < 2 ** 63:
-        raise UsageError(f"--seed must be in [0, 2^63), not {cfg.seed}")
-    if cfg.loader_threads < 0:
-        raise UsageError(f"--loader-threads must be >= 0 (0: all cores), not {cfg.loader_threads}")
-    if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
-        raise UsageError(f"--checkpoint-minutes must be a finite number >= 0, not {cfg.checkpoint_minutes}")
-    if cfg.stall_steps < 0:
-        raise UsageError(f"--stall-steps must be >= 0, not {cfg.stall_steps}")
+        run.train_loader.load_state_dict(checkpoint["loader"])
+    except ValueError as e:  # another world size or batch: the position means nothing here
+        raise UsageError(f"{run.ckpt_path}: cannot resume here: {e} (resume with the same number of ranks "
+                         "and --batch-size)") from None
+    rngs = checkpoint["rng"]
+    set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0])
+    run.stall_checked = checkpoint.get("stall_checked", False)
 
 
 def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
@@ -728,7 +350,7 @@ def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
     try:
         for name in os.listdir(cfg.out):
             stem, _, pid = name.rpartition(".tmp-")
-            if stem and pid.isdigit() and not _alive(int(pid)):
+            if stem and pid.isdigit() and not pid_alive(int(pid)):
                 os.remove(os.path.join(cfg.out, name))
                 print(f"train: removed {os.path.join(cfg.out, name)}, left by a run killed while writing it",
                       file=sys.stderr, flush=True)
@@ -743,16 +365,6 @@ def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
         if isinstance(e, OSError):
             raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
         raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _write_config(run: Run) -> None:

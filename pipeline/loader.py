@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +39,25 @@ class LoaderConfig:
                                     # leave the loader (once per loader, in the background: pipeline/verify.py)
     hw_decoder_load: float = 0.65   # DALI on a GPU: the share of JPEGs sent to the hardware decoder of
                                     # A100/H100/H200 (DALI's default; the GPU check sweeps it)
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer, evaluate and the tools rely on, whichever backend makes the batches (DALI,
+    webdataset, synthetic): iterate for one epoch, again for the next; the position is state_dict()."""
+    cfg: LoaderConfig
+    manifest: dict              # the shard directory's dataset.json
+    classes: list[str]          # class names, by index
+    epoch: int                  # the epoch the next batch belongs to
+    batch: int                  # the next batch's index within it
+
+    @property
+    def num_samples(self) -> int: ...     # samples this rank yields per epoch
+    def __len__(self) -> int: ...         # batches per epoch on this rank
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # (float images, int64 labels)
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 class ShardLoader:

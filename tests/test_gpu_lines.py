@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import train
+from model import devices, optim
+from model.errors import UsageError
 from model.alexnet import AlexNet, AlexNetConfig, TwoDeviceAlexNet
 from model.recipes import resolve
 from pipeline import make_loader
@@ -31,10 +32,9 @@ def fake_gpus(monkeypatch):
     ("cpu", 1, 0, ["cpu"]),
 ])
 def test_every_device_spec_reaches_set_device_with_an_index(fake_gpus, spec, world, local_rank, expected):
-    cfg = train.TrainConfig(shards="unused")
-    devices = train.parse_devices(spec, world, local_rank)
-    assert devices == expected
-    device, bf16, channels_last = train.place(devices, cfg)  # the real torch.cuda.set_device
+    chosen = devices.parse_devices(spec, world, local_rank)
+    assert chosen == expected
+    device, bf16, channels_last = devices.place(chosen, bf16=True, channels_last=True)  # the real set_device
     on_gpu = expected[0] != "cpu"
     assert fake_gpus == ([int(expected[0].split(":")[1])] if on_gpu else [])
     assert device == torch.device(expected[0]) and bf16 == on_gpu
@@ -45,21 +45,21 @@ def test_every_device_spec_reaches_set_device_with_an_index(fake_gpus, spec, wor
                                           ("cuda:0,cuda:1,cuda:0", "give one device, or two"),
                                           ("mps", "only cpu and cuda devices")])
 def test_impossible_devices_are_usage_errors(fake_gpus, spec, needle):
-    with pytest.raises(train.UsageError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        train.parse_devices(spec)
+    with pytest.raises(UsageError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        devices.parse_devices(spec)
 
 
 def test_cuda_without_a_gpu_is_a_usage_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert train.parse_devices("auto") == ["cpu"]
-    with pytest.raises(train.UsageError, match="torch sees no CUDA GPU"):
-        train.parse_devices("cuda")
+    assert devices.parse_devices("auto") == ["cpu"]
+    with pytest.raises(UsageError, match="torch sees no CUDA GPU"):
+        devices.parse_devices("cuda")
 
 
 def test_two_halves_under_torchrun_are_refused(fake_gpus):
-    with pytest.raises(train.UsageError, match="two halves runs in one process"):
-        train.parse_devices("cuda:0,cuda:1", world=2, local_rank=0)
+    with pytest.raises(UsageError, match="two halves runs in one process"):
+        devices.parse_devices("cuda:0,cuda:1", world=2, local_rank=0)
 
 
 def test_process_group_ddp_and_compile_get_the_ranks_device(monkeypatch):
@@ -78,17 +78,17 @@ def test_process_group_ddp_and_compile_get_the_ranks_device(monkeypatch):
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
     monkeypatch.setattr(torch, "compile", compile)
     gpu = torch.device("cuda:1")
-    train.init_distributed(2, gpu)
+    devices.init_distributed(2, gpu)
     assert calls.pop("pg") == ("nccl", gpu)
-    train.init_distributed(2, torch.device("cpu"))
+    devices.init_distributed(2, torch.device("cpu"))
     assert calls.pop("pg") == ("gloo", None)
-    train.init_distributed(1, gpu)
+    devices.init_distributed(1, gpu)
     assert "pg" not in calls  # one process: no group
     model = torch.nn.Linear(2, 2)
-    assert train.wrap(model, 2, gpu, compile=True) is model
+    assert devices.wrap(model, 2, gpu, compile=True) is model
     assert calls == {"ddp": [1], "compile": {"dynamic": False}}
     calls.clear()
-    train.wrap(model, 2, torch.device("cpu"), compile=False)
+    devices.wrap(model, 2, torch.device("cpu"), compile=False)
     assert calls == {"ddp": None}
 
 
@@ -136,8 +136,8 @@ def test_a_padded_last_batch_gives_the_unpadded_step():
         model = AlexNet(cfg=cfg)
         shapes = []
         model.conv1.register_forward_pre_hook(lambda m, i: shapes.append(i[0].shape[0]))
-        opt = train.make_optimizer(model, resolve("paper", {}))
-        loss = train.train_step(model, opt, x, y, 0.01, bf16=False, pad_to=pad_to)
+        opt = optim.make_optimizer(model, resolve("paper", {}))
+        loss = optim.train_step(model, opt, x, y, 0.01, bf16=False, pad_to=pad_to)
         assert shapes == [8 if pad_to else 3]
         weights.append((loss, [p.detach().clone() for p in model.parameters()]))
     (l0, w0), (l1, w1) = weights

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from model.alexnet import (AlexNet, AlexNetConfig, TwoDeviceAlexNet, canonical_state, load_canonical, make_lrn)
 from model.recipes import RECIPES, Recipe
-from model.train import (learning_rate, load_optimizer_state, make_optimizer, optimizer_state, plateau_divisions,
+from model.checkpoint import load_optimizer_state, optimizer_state
+from model.optim import (learning_rate, make_optimizer, plateau_divisions,
                          train_step)
 
 

@@ -545,3 +545,12 @@ def test_show_batch_on_a_missing_directory_does_not_advise_compute_pca(tmp_path,
     assert show_batch.main([str(tmp_path / "nowhere"), str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"show_batch: {tmp_path / 'nowhere'}: no such shard directory"]
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds", "synthetic"])
+def test_every_backend_satisfies_the_loader_protocol(shards, backend):
+    from pipeline.loader import Loader
+    loader = make_loader(shards, "val", batch_size=8, backend=backend, verify=False)
+    assert isinstance(loader, Loader)
+    assert len(loader) == -(-loader.num_samples // 8) and loader.manifest["format_version"] == 1
+    assert (loader.epoch, loader.batch) == (0, 0) and len(loader.classes) == 10

@@ -1,0 +1,172 @@
+"""Checkpoints and the run directory's lock: save, load and verify (a sha256 over everything a
+checkpoint holds), the momentum by canonical parameter name, the RNG states. Used by train,
+evaluate and predict."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from model.alexnet import named_canonical_parameters
+from model.errors import UsageError
+from pipeline.shards import MANIFEST
+
+
+def dataset_id(shards: str) -> str:
+    """The shard set's identity: sha256 of its dataset.json (which holds every shard's sha256),
+    whatever path it is reached by."""
+    with open(os.path.join(shards, MANIFEST), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _tensors(obj, prefix: str = ""):
+    """(path, tensor) of every tensor in a nested dict/list, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _without_tensors(obj):
+    """The checkpoint's structure and every value that is not a tensor (names, numbers, the
+    normalization, class names), tensors replaced by a marker: what the digest covers besides them."""
+    if isinstance(obj, torch.Tensor):
+        return "<tensor>"
+    if isinstance(obj, dict):
+        return {str(k): _without_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_without_tensors(v) for v in obj]
+    return obj
+
+
+def checkpoint_digest(ckpt: dict) -> str:
+    """sha256 over everything the checkpoint holds: every tensor's name, shape, dtype and bytes (the
+    weights, the momentum, the RNG states), and every other value (the normalization's numbers, the
+    class names, the recipe), so that a flipped byte anywhere is found before it is used."""
+    h = hashlib.sha256()
+    rest = {k: v for k, v in ckpt.items() if k != "digest"}
+    for name, t in _tensors(rest):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
+    # repr keeps a float's every bit (json would too), and sort_keys an order that pickling does not change
+    h.update(json.dumps(_without_tensors(rest), sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, its digest verified; UsageError (one line) on anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        digest = ckpt["digest"]
+    except Exception as e:  # noqa: BLE001 - an unreadable or foreign file gets the same one-line answer
+        raise UsageError(f"{path}: not a readable checkpoint of model.train ({type(e).__name__}: {e})") from None
+    if checkpoint_digest(ckpt) != digest:
+        raise UsageError(f"{path}: corrupt: its contents do not match the checksum stored with them")
+    return ckpt
+
+
+def save_atomic(obj, path: str) -> None:
+    """Written to a temporary name and renamed: a crash or a full disk leaves the old file whole
+    and no temporary file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except RuntimeError as e:  # torch's zip writer reports a full disk as "file write failed" / "unexpected pos"
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < (16 << 20)  # before tmp goes
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      os.strerror(errno.ENOSPC) if full else str(e).strip().splitlines()[0][:200], path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict:
+    """SGD's momentum buffers by canonical parameter name (they load into either model layout),
+    and each group's current lr (the scale the buffers were accumulated at)."""
+    momentum = {}
+    for name, params in named_canonical_parameters(model):
+        bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+        if all(b is not None for b in bufs):
+            momentum[name] = torch.cat([b.detach().cpu() for b in bufs])
+    return {"momentum": momentum, "lr": [g["lr"] for g in optimizer.param_groups]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model, state: dict) -> None:
+    for name, params in named_canonical_parameters(model):
+        buf = state["momentum"].get(name)
+        if buf is None:
+            continue
+        for p, piece in zip(params, torch.split(buf, [p.shape[0] for p in params])):  # halves: rows of dim 0
+            optimizer.state[p]["momentum_buffer"] = piece.to(p.device).clone()
+    for group, lr in zip(optimizer.param_groups, state.get("lr", [])):
+        group["lr"] = lr
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores what this machine can hold: a checkpoint from a machine with more (or fewer) GPUs
+    restores the generators of the GPUs both have."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for i, s in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+def acquire_lock(out: str) -> int:
+    """OUT/.lock, held with flock(2) for the run's life, with this process's pid inside for people:
+    a second live run into the same OUT is refused; a lock file left by a run that died is taken
+    over, whatever pid it names (the kernel releases a dead process's lock, and a reused pid cannot
+    pass for a run). Returns the lock's file descriptor (release_lock closes it)."""
+    path = os.path.join(out, ".lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(f"{out}: in use by another run (pid {holder}, {path}); wait for it or choose another --out")
+    left = os.read(fd, 64).decode(errors="replace").strip()
+    if left:
+        print(f"train: {path}: taking over the lock left by pid {left}, which no longer holds it",
+              file=sys.stderr, flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(out: str, fd: int) -> None:
+    """Removes OUT/.lock, then lets go of it (in that order: no window where another run could take
+    the file and then lose it to the removal)."""
+    try:
+        os.remove(os.path.join(out, ".lock"))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

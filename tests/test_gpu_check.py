@@ -32,7 +32,8 @@ def test_dry_run_runs_every_section(tmp_path):
     # each section saved its results as it ended: a check stopped by a time limit keeps them
     assert report["sections_done"] == ["pipeline", "model", "trainer", "halves", "recipe_study"]
     study = report["recipe_study"]["runs"]
-    assert sorted(study) == ["caffe", "cuda-convnet2", "cuda-convnet2@4", "kaiming", "paper"]
+    assert sorted(study) == ["cuda-convnet2@4", "paper"]  # the dry run's two: one at --batch-size, one at NAME@B
+    assert study["cuda-convnet2@4"]["batch_size"] == 4 and study["cuda-convnet2@4"]["lr"] == pytest.approx(0.01 * 4 / 128)
     assert study["paper"]["batch_size"] == 8 and study["paper"]["lr"] == pytest.approx(0.01 * 8 / 128)
     assert (tmp_path / "init_study.png").exists() and (tmp_path / "init_study.json").exists()
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         load_manifest(a.shards)  # "no such shard directory" before any advice about pca.json
         if a.checkpoint:
             from model.evaluate import load_model
-            from model.train import UsageError
+            from model.errors import UsageError
             try:
                 ckpt = load_model(a.checkpoint, "cpu")[1]
             except UsageError as e:

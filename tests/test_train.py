@@ -545,6 +545,7 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_really_full_disk_at_a_checkpoint_is_one_line(tiny_shards, small_filesystem, capsys):
     """torch.save on a full filesystem raises a RuntimeError from its zip writer ('unexpected pos'),
     not the OSError a test can inject: one line naming the checkpoint, exit 1, no temporary left."""
@@ -577,6 +578,7 @@ def test_sigint_and_sigterm_exit_with_one_line_and_keep_the_checkpoint(tiny_shar
     assert train.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] >= 1  # what --resume continues from
 
 
+@pytest.mark.slow  # trains end to end
 def test_no_checkpoints_leaves_the_evidence_but_no_checkpoint_or_plot(tiny_shards, tmp_path):
     """--no-checkpoints (studies, timings): config.json and metrics.jsonl, with the fc7 probe at
     --probe-every; no checkpoint.pt, no plot.png."""
@@ -616,6 +618,7 @@ def test_a_flipped_byte_outside_the_tensors_is_refused(finished_run, tiny_shards
     assert [e for e in errs if f"{ckpt}: corrupt" in e] == errs and len(errs) == 2, errs
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_resume_without_pca_json_keeps_the_checkpoints_numbers(finished_run, tiny_shards, tmp_path, capsys):
     """pca.json gone (or another set's) at --resume: the run goes on with the normalization stored in its
     checkpoint, says so in one line, and leaves no lock (it used to exit 1 after writing, lock left)."""
@@ -632,6 +635,7 @@ def test_a_resume_without_pca_json_keeps_the_checkpoints_numbers(finished_run, t
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 3
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_half_written_metrics_line_and_a_killed_checkpoint_write_are_cleaned_up(finished_run, tiny_shards,
                                                                                 tmp_path, capsys):
     out = str(tmp_path / "run")

@@ -23,8 +23,8 @@ if __package__ in (None, ""):
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import (MANIFEST, ShardError, index_text, iter_tar_samples, load_manifest, read_index,
-                             split_shards)
+from pipeline.shards import (MANIFEST, ShardError, index_text, iter_tar_samples, load_manifest, member_at,
+                             read_index, split_shards)
 
 
 def verify(out: str, decode: bool = True, progress: bool = False) -> list[str]:
@@ -91,8 +91,7 @@ def _check_index(idx_path: str, tar_path: str, data: bytes) -> list[str]:
         return [str(e)]
     for e in entries:
         for ext, off, size in e.members:
-            # the 512-byte ustar header before the data names the member
-            name = data[off - 512: off - 412].split(b"\0")[0].decode(errors="replace")
+            name, _ = member_at(data, off)  # the ustar header before the data names the member
             if name != f"{e.key}.{ext}" or off + size > len(data):
                 return [f"{idx_path}: entry for {e.key}.{ext} does not point at that member of {tar_path}"]
     with open(idx_path) as f:

@@ -602,6 +602,12 @@ def test_a_half_written_journal_line_is_dropped_and_the_run_finishes(sources, tm
     assert build_shards(root, out, "--shard-samples", "4") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
     assert len(err) == 1 and "_progress.jsonl:2: not a journal line" in err[0], err
+    # valid JSON of the wrong shape: one line too (it used to be a TypeError)
+    open(journal, "w").write("".join([lines[0], "[1, 2, 3]\n", *lines[1:]]))
+    capsys.readouterr()
+    assert build_shards(root, out, "--shard-samples", "4") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+    assert len(err) == 1 and "_progress.jsonl:2: not a journal record" in err[0], err
 
 
 @pytest.mark.slow
@@ -825,3 +831,19 @@ def test_an_image_too_wide_to_store_says_encode_not_decode(sources, tmp_path, ca
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
     assert err[0].startswith(f"make_shards: {wide}: cannot encode (EncodeError: the 768000x256 result cannot be "
                              "written as a JPEG"), err
+
+
+def test_a_decompression_bomb_warning_names_the_file(tmp_path, capfd, monkeypatch):
+    """PIL warns of an image with more pixels than MAX_IMAGE_PIXELS without naming it; make_shards
+    names it. (The limit is lowered here; the forked workers inherit it.)"""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15_000)
+    root = tmp_path / "src"
+    for split in ("train", "val"):
+        for c in ("n00000001", "n00000002"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (100, 100), (200, 20, 20)).save(root / split / c / f"{c}_{split}_1.JPEG", "JPEG")
+    big = root / "train" / "n00000001" / "n00000001_big.JPEG"
+    Image.new("RGB", (150, 150), (20, 20, 200)).save(big, "JPEG")  # 22,500 px: a warning, not yet an error
+    assert build_shards(str(root), str(tmp_path / "out")) == 0
+    err = capfd.readouterr().err
+    assert "make_shards: train/n00000001/n00000001_big.JPEG: warning: Image size (22500 pixels) exceeds limit" in err

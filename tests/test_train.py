@@ -466,13 +466,16 @@ def test_predict_shows_progress_names_an_unreadable_image_and_predicts_the_rest(
         Image.new("RGB", (260 + k, 240), (40 * k, 90, 200)).save(path)
     bad = str(tmp_path / "bad.jpg")
     open(bad, "wb").write(b"\xff\xd8\xff not really a jpeg")
+    fifo = str(tmp_path / "pipe.jpg")  # reading a named pipe used to hang predict for good
+    os.mkfifo(fifo)
     ckpt = os.path.join(finished_run, "checkpoint.pt")
-    assert predict.main(["--checkpoint", ckpt, "--batch-size", "2", good[0], bad, *good[1:]]) == 1
+    assert predict.main(["--checkpoint", ckpt, "--batch-size", "2", good[0], bad, fifo, *good[1:]]) == 1
     captured = capsys.readouterr()
     assert [line for line in captured.out.splitlines() if not line.startswith(" ")] == good  # in order
     lines = messages(captured.err, "predict")
-    assert len(lines) == 1 and lines[0].startswith(f"predict: {bad}: cannot read the image")
-    assert "100%" in captured.err and "4/4" in captured.err  # the progress bar, over every image
+    assert len(lines) == 2 and lines[0].startswith(f"predict: {bad}: cannot read the image")
+    assert lines[1] == f"predict: {fifo}: cannot read the image (ValueError: not a regular file)", lines
+    assert "100%" in captured.err and "5/5" in captured.err  # the progress bar, over every image
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -7,7 +7,8 @@ Layer sizes (paper, section 3.5 and figure 2), input 3x224x224:
   conv4 384 x 3x3, own half -> ReLU
   conv5 256 x 3x3, own half -> ReLU, pool                               13 -> 6
   fc6 4096, fc7 4096 (see both halves; ReLU, dropout 0.5), fc8 num_classes
-60,965,224 parameters for 1000 classes.
+60,965,224 parameters for 1000 classes; 61,260,392 with Table 2's sixth conv layer
+(--extra-conv: conv6 256 x 3x3 over pool5, own half, fc6 unchanged).
 
 Two layouts compute the same function with the same weights:
   AlexNet          one device; the halves are grouped convolutions (groups=2).
@@ -26,17 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (name, in_channels, out_channels, kernel, stride, padding, groups) of the canonical layers
+# (name, in_channels, out_channels, kernel, stride, padding, groups) of the canonical layers at width 1;
+# groups=2: each half sees only its own half's maps (conv2, conv4, conv5 in figure 2)
 CONVS = (("conv1", 3, 96, 11, 4, 2, 1), ("conv2", 96, 256, 5, 1, 2, 2), ("conv3", 256, 384, 3, 1, 1, 1),
          ("conv4", 384, 384, 3, 1, 1, 2), ("conv5", 384, 256, 3, 1, 1, 2))
-ONE_BIASES = ("conv2", "conv4", "conv5", "fc6", "fc7")  # paper, section 5: biases initialised to 1
+# The sixth convolutional layer of Table 2's "1 CNN*" ("an extra sixth convolutional layer over the last
+# pooling layer", section 6; no size given): 256 maps of 3x3, padding 1, each half on its own half's maps as
+# conv4 and conv5, no pooling. It keeps pool5's 6x6x256, so fc6 is unchanged; 295,168 parameters.
+CONV6 = ("conv6", 256, 256, 3, 1, 1, 2)
+FC = 4096  # fc6 and fc7 units at width 1
+ONE_BIASES = ("conv2", "conv4", "conv5", "conv6", "fc6", "fc7")  # paper, section 5: biases initialised to 1
+# (conv6, which the paper adds in section 6 only, is initialised as its neighbours conv4 and conv5)
 # Caffe's bvlc_alexnet (BVLC/caffe models/bvlc_alexnet/train_val.prototxt): the same layers' biases at 0.1,
 # because 1 gave a flat loss there; fc6 and fc7 weights N(0, 0.005), every other weight N(0, 0.01).
 CAFFE_BIAS, CAFFE_FC_STD = 0.1, 0.005
 # The authors' released config (cuda-convnet2 layers/layers-223-1gpu.cfg): initW=0.03 in conv3, conv4 and
 # conv5, 0.01 elsewhere, the biases of 1 where the paper has them. (Its fc1000 initB=-7 adds one constant
 # to every logit, which the softmax ignores: left at 0 here.)
-INIT_STD = {"paper": {}, "cuda-convnet2": {"conv3": 0.03, "conv4": 0.03, "conv5": 0.03},
+INIT_STD = {"paper": {}, "cuda-convnet2": {"conv3": 0.03, "conv4": 0.03, "conv5": 0.03, "conv6": 0.03},
             "caffe": {"fc6": CAFFE_FC_STD, "fc7": CAFFE_FC_STD}, "kaiming": {}}  # layer -> std where not 0.01
 INIT_BIAS = {"paper": 1.0, "cuda-convnet2": 1.0, "caffe": CAFFE_BIAS, "kaiming": 0.0}  # in ONE_BIASES
 INITS = tuple(INIT_BIAS)
@@ -54,6 +62,9 @@ class AlexNetConfig:
     init: str = "cuda-convnet2"      # the authors' released config (conv3-5 N(0, 0.03)), which learns at batch 128;
                                      # "paper": N(0, 0.01) weights, some biases 1 (section 5), which does not;
                                      # "caffe": bvlc_alexnet's; "kaiming": He-normal weights, zero biases
+    extra_conv: bool = False         # Table 2's sixth conv layer after pool5 (CONV6)
+    width: float = 1.0               # every layer's maps and units times this (1 = the paper's; fewer only
+                                     # for quick runs: 1/8 trains a step ~15x faster on a CPU)
 
     def __post_init__(self):
         checks = {"lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
@@ -63,6 +74,27 @@ class AlexNetConfig:
                 raise ValueError(f"{field} must be one of {allowed}, not {getattr(self, field)!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if not 0 < self.width <= 1:
+            raise ValueError(f"width must be in (0, 1], not {self.width}")
+
+
+def _scaled(channels: int, width: float) -> int:
+    """channels * width, rounded to an even number (each half gets half), at least 2."""
+    return 2 * max(1, round(channels * width / 2))
+
+
+def conv_layers(cfg: AlexNetConfig) -> list[tuple[str, int, int, int, int, int, int]]:
+    """CONVS (and CONV6 with extra_conv) at the config's width, in forward order."""
+    specs = list(CONVS) + ([CONV6] if cfg.extra_conv else [])
+    w = cfg.width
+    return [(name, cin if name == "conv1" else _scaled(cin, w), _scaled(cout, w), *rest)
+            for name, cin, cout, *rest in specs]
+
+
+def fc_layers(cfg: AlexNetConfig) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of fc6, fc7, fc8: fc6 sees the last conv's 6x6 maps."""
+    hidden, last = _scaled(FC, cfg.width), conv_layers(cfg)[-1][2]
+    return [("fc6", last * 6 * 6, hidden), ("fc7", hidden, hidden), ("fc8", hidden, cfg.num_classes)]
 
 
 def make_lrn(cfg: AlexNetConfig) -> nn.Module:
@@ -74,7 +106,7 @@ def make_lrn(cfg: AlexNetConfig) -> nn.Module:
 
 
 def _lrn_after(cfg: AlexNetConfig) -> set[str]:
-    return {"conv1", "conv2"} if cfg.lrn_layers == "paper" else {c[0] for c in CONVS}
+    return {"conv1", "conv2"} if cfg.lrn_layers == "paper" else {c[0] for c in conv_layers(cfg)}
 
 
 POOL_AFTER = ("conv1", "conv2", "conv5")  # overlapping max-pooling, 3x3 stride 2 (section 3.4)
@@ -114,9 +146,11 @@ class AlexNet(nn.Module):
         super().__init__()
         cfg = cfg or AlexNetConfig(num_classes=num_classes, **options)
         self.cfg = cfg
-        for name, cin, cout, k, s, p, g in CONVS:
+        self.convs = [spec[0] for spec in conv_layers(cfg)]
+        for name, cin, cout, k, s, p, g in conv_layers(cfg):
             setattr(self, name, nn.Conv2d(cin, cout, k, s, p, groups=g))
-        self.fc6, self.fc7, self.fc8 = nn.Linear(256 * 6 * 6, 4096), nn.Linear(4096, 4096), nn.Linear(4096, cfg.num_classes)
+        for name, fin, fout in fc_layers(cfg):
+            setattr(self, name, nn.Linear(fin, fout))
         self.lrn = make_lrn(cfg)
         self.lrn_after = _lrn_after(cfg)
         init_weights(self, cfg)
@@ -137,7 +171,7 @@ class AlexNet(nn.Module):
         return out.view(n, h, w, c).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        for name, *_ in CONVS:
+        for name in self.convs:
             x = conv_block(x, getattr(self, name), self.half_lrn, name, self.lrn_after)
         return x
 
@@ -157,12 +191,11 @@ class AlexNetHalf(nn.Module):
 
     def __init__(self, cfg: AlexNetConfig, fc8_out: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 48, 11, 4, 2)
-        self.conv2 = nn.Conv2d(48, 128, 5, 1, 2)
-        self.conv3 = nn.Conv2d(256, 192, 3, 1, 1)   # input: both halves' conv2 maps
-        self.conv4 = nn.Conv2d(192, 192, 3, 1, 1)
-        self.conv5 = nn.Conv2d(192, 128, 3, 1, 1)
-        self.fc6, self.fc7, self.fc8 = nn.Linear(9216, 2048), nn.Linear(4096, 2048), nn.Linear(4096, fc8_out)
+        for name, cin, cout, k, s, p, g in conv_layers(cfg):
+            # groups=2: its own half's maps in; groups=1: both halves' (the image, for conv1)
+            setattr(self, name, nn.Conv2d(cin // g, cout // 2, k, s, p))
+        for name, fin, fout in fc_layers(cfg):  # input: both halves' units
+            setattr(self, name, nn.Linear(fin, fc8_out if name == "fc8" else fout // 2))
         self.lrn = make_lrn(cfg)
 
 
@@ -181,6 +214,7 @@ class TwoDeviceAlexNet(nn.Module):
         with torch.random.fork_rng(devices=[]):
             self.halves = nn.ModuleList([AlexNetHalf(cfg, n0), AlexNetHalf(cfg, cfg.num_classes - n0)])
         self.lrn_after = _lrn_after(cfg)
+        self.convs = [(spec[0], spec[6]) for spec in conv_layers(cfg)]  # (name, groups)
         self.load_canonical_state_dict(canonical)
         for half, device in zip(self.halves, self.devices):
             half.to(device)
@@ -198,9 +232,10 @@ class TwoDeviceAlexNet(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # conv1 would cast it anyway: copy half the bytes
             x = x.to(torch.get_autocast_dtype(x.device.type))
         xs = [x.to(d, non_blocking=True) for d in self.devices]
-        xs = self._conv("conv2", self._conv("conv1", xs))
-        xs = self._conv("conv3", self._both(*xs))
-        xs = self._conv("conv5", self._conv("conv4", xs))
+        for name, groups in self.convs:
+            if groups == 1 and name != "conv1":  # conv3 sees both halves' maps: the GPUs talk
+                xs = self._both(*xs)
+            xs = self._conv(name, xs)
         xs = self._both(*(torch.flatten(t, 1) for t in xs))
         p = self.cfg.dropout
         for layer in ("fc6", "fc7"):

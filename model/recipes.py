@@ -65,6 +65,10 @@ class Recipe:
                                         "compute it; 'alpha': the paper's printed formula")
     lrn_k: float = _f(2.0, "LRN's additive constant k (section 3.3; Caffe's default is 1)")
     dropout: float = _f(0.5, "dropout probability in fc6 and fc7 (section 4.2)")
+    extra_conv: bool = _f(False, "Table 2's sixth conv layer over the last pooling layer (section 6: 256 maps of "
+                                 "3x3, each half on its own, fc6 unchanged; README 'Reproducing the paper')")
+    width: float = _f(1.0, "every layer's maps and units times this (1 = the paper's; 1/8 for a quick "
+                           "smoke run on a CPU, ~15x faster a step)")
     # input
     input_norm: str = _f("mean", "'mean': x - mean in 0-255 units (cuda-convnet2 convdata.py); "
                                  "'std': (x/255 - mean) / std")
@@ -75,7 +79,8 @@ class Recipe:
         """The AlexNetConfig this recipe trains."""
         from model.alexnet import AlexNetConfig
         return AlexNetConfig(num_classes=num_classes, lrn_layers=self.lrn_layers, lrn_convention=self.lrn_convention,
-                             lrn_k=self.lrn_k, dropout=self.dropout, init=self.init)
+                             lrn_k=self.lrn_k, dropout=self.dropout, init=self.init, extra_conv=self.extra_conv,
+                             width=self.width)
 
     def validate(self) -> None:
         """ValueError naming the flag and what is wrong."""
@@ -96,6 +101,8 @@ class Recipe:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be > 0, not {getattr(self, name)}")
+        if not 0 < self.width <= 1:
+            raise ValueError(f"--width must be in (0, 1], not {self.width}")
         for name in ("momentum", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{flag(name)} must be in [0, 1), not {getattr(self, name)}")

@@ -24,6 +24,22 @@ def test_parameter_count_and_shapes():
     assert AlexNet(cfg=AlexNetConfig(num_classes=10))(x).shape == (2, 10)
 
 
+def test_the_sixth_conv_layer_and_the_width_by_hand():
+    """--extra-conv (Table 2's 1 CNN*): conv6 256 x 3x3 over pool5, each half on its own 128 maps:
+    256 * 128 * 9 + 256 = 295,168 parameters more, pool5's 6x6x256 kept, so fc6 is unchanged."""
+    six = AlexNet(cfg=AlexNetConfig(extra_conv=True, init="paper"))
+    assert sum(p.numel() for p in six.parameters()) == 60_965_224 + 295_168
+    assert (six.conv6.in_channels, six.conv6.out_channels, six.conv6.groups, six.conv6.padding) == (256, 256, 2, (1, 1))
+    assert six.fc6.in_features == 9216 and torch.all(six.conv6.bias == 1.0)  # biases 1, as conv4 and conv5
+    x = torch.randn(2, 3, 224, 224)
+    assert six.features(x).shape == (2, 256, 6, 6) and six(x).shape == (2, 1000)
+    # width 1/8, 10 classes: maps 12, 32, 48, 48, 32 and 512 units, counted by hand layer by layer
+    small = AlexNet(cfg=AlexNetConfig(num_classes=10, width=0.125))
+    by_hand = (12 * 3 * 121 + 12) + (32 * 6 * 25 + 32) + (48 * 32 * 9 + 48) + (48 * 24 * 9 + 48) + \
+              (32 * 24 * 9 + 32) + (1152 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
+    assert sum(p.numel() for p in small.parameters()) == by_hand == 898_554
+
+
 def test_paper_init():
     torch.manual_seed(0)
     model = AlexNet(init="paper")
@@ -50,7 +66,10 @@ def test_lrn_follows_the_papers_formula():
     torch.testing.assert_close(make_lrn(AlexNetConfig(lrn_k=1.0))(a), caffe, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [AlexNetConfig(num_classes=7), AlexNetConfig(num_classes=10, lrn_layers="all")])
+@pytest.mark.parametrize("cfg", [AlexNetConfig(num_classes=7),  # the paper's size; the others at 1/4 (cheaper)
+                                 AlexNetConfig(num_classes=10, lrn_layers="all", width=0.25),
+                                 AlexNetConfig(num_classes=5, extra_conv=True, width=0.25)],
+                         ids=["paper", "lrn-all", "extra-conv"])
 def test_two_layouts_compute_the_same_function(cfg):
     torch.manual_seed(1)
     grouped = AlexNet(cfg=cfg).eval()
@@ -122,8 +141,9 @@ def test_optimizer_groups_have_the_recipes_values():
 
 def test_overfits_one_batch():
     torch.manual_seed(3)
-    model = AlexNet(cfg=AlexNetConfig(num_classes=4, init="kaiming", dropout=0.0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    # 1/4 of the width (6x cheaper); with fewer units summed into each output it takes a larger step
+    model = AlexNet(cfg=AlexNetConfig(num_classes=4, init="kaiming", dropout=0.0, width=0.25))
+    opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
     x, y = torch.randn(8, 3, 224, 224), torch.arange(8) % 4
     losses = []
     for _ in range(20):

@@ -104,7 +104,8 @@ def run_variant(shards: str, spec: str, name: str, batch: int, a, num_classes: i
     metrics = os.path.join(run, "metrics.jsonl")
     args = ["--shards", shards, "--out", run, "--epochs", str(a.epochs), "--batch-size", str(batch),
             "--schedule", "step", "--step-epochs", "100000", "--devices", a.devices, "--log-every", "1",
-            "--probe-every", str(a.probe_every), "--stall-steps", "0", "--no-checkpoints", *VARIANTS[name]]
+            "--probe-every", str(a.probe_every), "--stall-steps", "0", "--no-checkpoints", "--width", str(a.width),
+            *VARIANTS[name]]
     records = []
     if a.reuse and os.path.exists(metrics):
         with open(metrics) as f:
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/init_study")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated NAME or NAME@BATCH, of: "
                    + ", ".join(VARIANTS))
+    p.add_argument("--width", type=float, default=1.0, help="the model's width (1 = the paper's; the GPU check's "
+                   "dry run rehearses at 1/8)")
     p.add_argument("--reuse", action="store_true", help="keep the finished runs of earlier calls into --out")
     p.add_argument("--diagnose-only", action="store_true", help="only the table at initialisation")
     a = p.parse_args(argv)
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     runs = {spec: run_variant(a.shards, spec, name, batch, a, num_classes) for spec, (name, batch) in zip(specs, parsed)}
     report["runs"] = runs
     report["setup"] = {"shards": a.shards, "epochs": a.epochs, "train_images": train_images,
-                       "num_classes": num_classes, "probe_every": a.probe_every, "window": WINDOW}
+                       "num_classes": num_classes, "probe_every": a.probe_every, "width": a.width, "window": WINDOW}
     print_table(runs, num_classes)
     with open(os.path.join(a.out, "init_study.json"), "w") as f:
         json.dump(report, f, indent=1)

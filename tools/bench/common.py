@@ -106,13 +106,15 @@ def _epoch_timing(loader) -> tuple[float, float]:
     return n / max(time.perf_counter() - t1, 1e-9), t1 - t0
 
 
-def _trainer_rate(out: str, run: str, backend: str, batch: int, device: str = "cpu", epochs: int = 1) -> float:
+def _trainer_rate(out: str, run: str, backend: str, batch: int, device: str = "cpu", epochs: int = 1,
+                  width: float = 1.0) -> float:
     """model.train's images/s over its training loop alone (not evaluation): the mean over its epochs
-    after the first (which includes start-up and, with --compile, compilation)."""
+    after the first (which includes start-up and, with --compile, compilation). width < 1: a smaller
+    model (a rehearsal's, which checks the plumbing, not the rate)."""
     from model import train
     assert _quiet(train.main, ["--shards", out, "--out", run, "--epochs", str(epochs), "--batch-size", str(batch),
                                "--init", "kaiming", "--devices", device, "--backend", backend, "--no-checkpoints",
-                               "--log-every", "1000"]) == 0
+                               "--log-every", "1000", "--width", str(width)]) == 0
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rates = [r["images_per_s"] for r in map(json.loads, f) if r["kind"] == "epoch"]
     return float(np.mean(rates[1:] or rates))

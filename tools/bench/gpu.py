@@ -142,7 +142,8 @@ def bench_gpu(a) -> dict:
         print("3. model.train end to end (images/s of the training loop, mean of epochs 2-4)")
         for backend in ("synthetic", "dali", "wds"):
             run = os.path.join(tmp, f"run-{backend}")
-            report[f"trainer_{backend}_images_per_s"] = _trainer_rate(out, run, backend, batch, dev, epochs=2 if dry else 4)
+            report[f"trainer_{backend}_images_per_s"] = _trainer_rate(out, run, backend, batch, dev, epochs=2 if dry else 4,
+                                                                      width=0.125 if dry else 1.0)
             _line(f"   {backend}", report[f"trainer_{backend}_images_per_s"])
         syn = report["trainer_synthetic_images_per_s"]
         report["dali_vs_synthetic"] = report["trainer_dali_images_per_s"] / syn
@@ -196,7 +197,7 @@ def _recipe_study(tmp: str, dev: str, dry: bool, a) -> dict:
     t0 = time.perf_counter()
     _quiet(init_study.main, [shards, "--epochs", str(epochs), "--batch-size", str(batch), "--devices", dev,
                              "--out", runs] + (["--variants", "paper,cuda-convnet2@4",  # the dry run: one variant each way
-                                                "--probe-every", "2"] if dry else []))
+                                                "--probe-every", "2", "--width", "0.125"] if dry else []))
     with open(os.path.join(runs, "init_study.json")) as f:
         study = json.load(f)
     if a.json:

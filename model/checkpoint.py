@@ -17,6 +17,10 @@ from model.alexnet import named_canonical_parameters
 from model.errors import UsageError
 from pipeline.shards import MANIFEST
 
+# Recipe values that may differ between a run and its resumption (they change no number already
+# computed); every other value, the seed and the shard set may not.
+RESUME_MAY_CHANGE_RECIPE = {"epochs"}
+
 
 def dataset_id(shards: str) -> str:
     """The shard set's identity: sha256 of its dataset.json (which holds every shard's sha256),
@@ -170,3 +174,26 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's
         return True
     return True
+
+
+def checkpoint_to_resume(path: str, resume: bool, recipe_name: str, recipe: dict, seed: int, dataset: str,
+                         shards: str) -> dict | None:
+    """The checkpoint a run continues from (None: a new run), verified and made with the same recipe
+    (but its epochs), seed and shard set; UsageError in one line otherwise, or if one exists and
+    --resume was not given."""
+    if not os.path.exists(path):
+        if resume:
+            print(f"train: --resume: no {path} yet, so this is a new run", file=sys.stderr, flush=True)
+        return None
+    if not resume:
+        raise UsageError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+    checkpoint = load_checkpoint(path)
+    saved_recipe, saved_name = checkpoint["recipe"], checkpoint["recipe_name"]
+    differ = sorted(k for k, v in recipe.items() if k not in RESUME_MAY_CHANGE_RECIPE and saved_recipe.get(k) != v)
+    differ += ["recipe"] * (saved_name != recipe_name) + ["seed"] * (checkpoint["config"]["seed"] != seed)
+    if differ:
+        raise UsageError(f"{path}: was made with other settings ({', '.join(differ)}); resume with the same ones")
+    if checkpoint["dataset"] != dataset:
+        raise UsageError(f"{path}: was trained on another shard set (its dataset.json differs from "
+                         f"{os.path.join(shards, MANIFEST)})")
+    return checkpoint

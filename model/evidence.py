@@ -3,7 +3,31 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from dataclasses import asdict
+
+import torch
+
+from model.guards import fc7_dead_now
+from model.recipes import lr_rule
+
+
+def git_commit() -> str:
+    """The commit this code was run from (config.json's 'commit'), or 'unknown' outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(path: str, obj) -> None:
+    """Written to a temporary name and renamed: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def draw_plot(path: str, epochs: list[dict]) -> None:
@@ -68,3 +92,31 @@ class Metrics:
             f.write(json.dumps(record) + "\n")
         if record["kind"] == "epoch":
             self.epochs.append(record)
+
+
+def write_config(run) -> None:
+    """OUT/config.json: everything a run was made with (`run` is model.train's Run)."""
+    cfg = run.cfg
+    write_json(os.path.join(cfg.out, "config.json"), {
+        "recipe": {"name": cfg.recipe, **asdict(run.recipe)},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "overrides"},
+        "overridden": sorted(k for k, v in cfg.overrides.items() if v is not None),
+        "lr": {"weights": run.recipe.lr, "rule": lr_rule(cfg.recipe, cfg.overrides)},
+        "model": asdict(run.model_cfg), "normalization": run.norm.as_dict(), "world_size": run.world,
+        "devices": run.devices, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
+        "dataset": run.dataset, "loader": type(run.train_loader).__name__, "bf16": run.bf16,
+        "channels_last": run.channels_last})
+
+
+def log_window(run, epoch: int, lr: float, avg: float, rate: float, bar) -> None:
+    """A logged step: the progress bar, metrics.jsonl (with the fc7 probe when due), TensorBoard."""
+    if not run.main:
+        return
+    bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
+    record = {"kind": "step", "epoch": epoch, "step": run.step, "lr": lr, "train_loss": avg, "images_per_s": rate}
+    if run.cfg.probe_every and run.step % run.cfg.probe_every == 0:
+        record["fc7_dead"] = fc7_dead_now(run)
+    run.metrics.log(record)
+    if run.tb:
+        run.tb.add_scalar("train/loss", avg, run.step)
+        run.tb.add_scalar("train/lr", lr, run.step)

@@ -13,131 +13,42 @@ checkpoint.pt (written atomically at every epoch end and every --checkpoint-minu
 `--resume` continues from checkpoint.pt: a run killed at any moment ends with
 bitwise the same weights as an uninterrupted one (on the CPU).
 
-This module is the run: its options, set-up (check, build, restore, open the run
-directory), the loop and its guards, and the command line. The rest of model/ has one
-job a file: alexnet (the network), recipes (what is learned), optim (the paper's
-update rule and schedule), devices (GPU set-up), checkpoint (save, load, verify, lock),
-evaluation (the loop and its errors), evidence (metrics.jsonl, plot.png), errors.
-evaluate and predict use those rooms, never this module.
+This module is the run: set-up (check, build, restore, open the run directory), the
+loop and the command line. The rest of model/ has one job a file: alexnet (the
+network), recipes (what is learned), options (how to run, and the flags), optim (the
+paper's update rule and schedule), guards (a non-finite loss, a loss at chance),
+devices (GPU set-up), checkpoint (save, load, verify, lock), evaluation (the loop and
+its errors), evidence (config.json, metrics.jsonl, plot.png), errors. evaluate and
+predict use those rooms, never this module.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from model.alexnet import AlexNetConfig, build, canonical_state, fc7_dead_share, load_canonical
-from model.checkpoint import (acquire_lock, checkpoint_digest, dataset_id, load_checkpoint,
+from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical
+from model.checkpoint import (acquire_lock, checkpoint_digest, checkpoint_to_resume, dataset_id,
                               load_optimizer_state, optimizer_state, pid_alive, release_lock, rng_state, save_atomic,
                               set_rng_state)
 from model.devices import distributed, init_distributed, parse_devices, place, wrap
 from model.errors import Diverged, RunFailed, UsageError
 from model.evaluation import evaluate, percent, summarize
-from model.evidence import Metrics, draw_plot
+from model.evidence import Metrics, draw_plot, log_window, write_config
+from model.guards import LossGuard, check_stall
 from model.optim import learning_rate, make_optimizer, train_step
-from model.recipes import RECIPE_FIELDS, RECIPES, Recipe, flag, lr_rule, resolve
-from model.recipes import field_help as _f
-from pipeline import BACKENDS, make_loader
+from model.options import TrainConfig, check_run_options, config_from_args, resolve_recipe
+from model.recipes import Recipe, lr_rule
+from pipeline import make_loader
 from pipeline.loader import Loader
 from pipeline.normalization import Normalization
 from pipeline.shards import MANIFEST, ShardError, load_manifest
-
-
-@dataclass
-class TrainConfig:
-    """How to run: where, on what, how often to log and save. What is learned is the recipe's."""
-    shards: str = _f("", "shard directory with dataset.json and pca.json (required)")
-    out: str = _f("runs/alexnet", "run directory")
-    recipe: str = _f("paper", f"training recipe: {', '.join(RECIPES)} (model/recipes.py, README)")
-    overrides: dict = field(default_factory=dict)  # recipe fields set by their own flags
-    seed: int = _f(0, "seed of the weights, dropout, data order and augmentation")
-    devices: str = _f("auto", "'cpu', 'cuda', 'cuda:1', or two halves 'cuda:0,cuda:1'; auto: cuda if any")
-    backend: str = _f("auto", "data pipeline: 'dali', 'wds', auto (DALI where it imports); 'synthetic' to time")
-    loader_threads: int = _f(0, "DALI threads / DataLoader workers per rank (0: all cores)")
-    verify: bool = _f(True, "check every shard's sha256 against dataset.json before its samples are used "
-                            "(once per run, in the background); --no-verify skips it")
-    bf16: bool = _f(True, "bf16 autocast on GPUs (ignored on the CPU, where it is slower)")
-    channels_last: bool = _f(True, "NHWC memory on GPUs (faster convolutions; ignored on the CPU)")
-    compile: bool = _f(False, "torch.compile the model")
-    ten_crop: bool = _f(False, "evaluate each epoch with the paper's 10 crops instead of the centre crop")
-    log_every: int = _f(20, "steps per logged train loss (each log is one GPU sync)")
-    checkpoint_minutes: float = _f(30.0, "minutes between checkpoints, besides every epoch end; 0 = every step")
-    stall_steps: int = _f(2000, "warn if the train loss is still within 1%% of ln(classes) after this many "
-                                "steps, with the share of dead fc7 units (0: never)")
-    probe_every: int = _f(0, "every N steps (a multiple of --log-every), log the share of fc7 units that are 0 for "
-                             "every image of a fixed val batch (metrics.jsonl 'fc7_dead'; README 'Recipes'); 0: never")
-    checkpoints: bool = _f(True, "write checkpoint.pt and plot.png; --no-checkpoints for throwaway runs (a study, "
-                                 "a timing), which then cannot be resumed")
-    tensorboard: bool = _f(False, "also log to RUN/tensorboard")
-    resume: bool = _f(False, "continue from RUN/checkpoint.pt (a new run if there is none)")
-
-
-# Run options that may differ between a run and its resumption: they change no number.
-# The recipe (but its epochs), the seed and the data set's identity may not.
-RESUME_MAY_CHANGE_RECIPE = {"epochs"}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-class LossGuard:
-    """Non-finite losses, noticed without a GPU sync per step: each step marks the first bad step
-    on the device, and check() (at every log and before every checkpoint) raises Diverged."""
-
-    def __init__(self, device: torch.device, world: int):
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.world = world
-        self.lrs: dict[int, float] = {}  # step -> lr since the last check, to name the bad step's lr
-
-    def record(self, loss: torch.Tensor, step: int, lr: float) -> None:
-        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
-        self.lrs[step] = lr
-
-    def check(self) -> None:
-        first = self.first_bad.clone()
-        if self.world > 1:  # every rank stops at the same check, or the others would hang
-            torch.distributed.all_reduce(first, torch.distributed.ReduceOp.MAX)
-        bad = int(first.item())
-        if bad >= 0:
-            raise Diverged(f"the training loss is not finite at step {bad} (lr {self.lrs.get(bad, float('nan')):g})")
-        self.lrs.clear()
-
-
-def at_chance(loss: float, num_classes: int) -> bool:
-    """`loss` within 1 % of ln(C), the loss of a uniform guess."""
-    chance = math.log(num_classes)
-    return abs(loss - chance) <= 0.01 * chance
-
-
-def stall_warning(loss: float, num_classes: int, step: int, recipe_name: str, init: str,
-                  fc7_dead: float | None = None) -> str | None:
-    """A warning if `loss` is still at chance, naming the share of dead fc7 units where measured."""
-    if not at_chance(loss, num_classes):
-        return None
-    dead = "" if fc7_dead is None else (
-        f"; {100 * fc7_dead:.1f} % of fc7's units are dead (0 for every image of a val batch)"
-        + (", the failure of the paper's init that README 'Recipes' documents" if fc7_dead >= 0.5 else ""))
-    others = ", ".join(f"--init {i}" for i in ("cuda-convnet2", "caffe", "kaiming") if i != init)
-    return (f"train loss {loss:.3f} is still at chance (ln {num_classes} = {math.log(num_classes):.3f}) after "
-            f"{step} steps of --recipe {recipe_name} (--init {init}){dead}: this run may not learn; consider "
-            f"{others} (README: 'Recipes')")
 
 
 # ---------------------------------------------------------------- the run
@@ -181,37 +92,6 @@ class Run:
         return self.model_cfg.num_classes
 
 
-def resolve_recipe(cfg: TrainConfig) -> Recipe:
-    try:
-        recipe = resolve(cfg.recipe, cfg.overrides)
-        recipe.validate()
-    except KeyError as e:  # str() of a KeyError is its argument's repr, quotes and all
-        raise UsageError(e.args[0]) from None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return recipe
-
-
-def _load_checkpoint(cfg: TrainConfig, recipe: Recipe, ckpt_path: str, dataset: str) -> dict | None:
-    if not os.path.exists(ckpt_path):
-        if cfg.resume:
-            print(f"train: --resume: no {ckpt_path} yet, so this is a new run", file=sys.stderr, flush=True)
-        return None
-    if not cfg.resume:
-        raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    checkpoint = load_checkpoint(ckpt_path)
-    saved_recipe, saved_name = checkpoint["recipe"], checkpoint["recipe_name"]
-    differ = sorted(k for k, v in asdict(recipe).items()
-                    if k not in RESUME_MAY_CHANGE_RECIPE and saved_recipe.get(k) != v)
-    differ += ["recipe"] * (saved_name != cfg.recipe) + ["seed"] * (checkpoint["config"]["seed"] != cfg.seed)
-    if differ:
-        raise UsageError(f"{ckpt_path}: was made with other settings ({', '.join(differ)}); resume with the same ones")
-    if checkpoint["dataset"] != dataset:
-        raise UsageError(f"{ckpt_path}: was trained on another shard set (its dataset.json differs from "
-                         f"{os.path.join(cfg.shards, MANIFEST)})")
-    return checkpoint
-
-
 def setup(cfg: TrainConfig) -> Run:
     """check -> build -> restore -> open the run directory. Nothing is written before the last step,
     so a refused run leaves OUT as it was."""
@@ -221,7 +101,8 @@ def setup(cfg: TrainConfig) -> Run:
     check_run_options(cfg, recipe, world)
     dataset = check_shards(cfg.shards)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    checkpoint = _load_checkpoint(cfg, recipe, ckpt_path, dataset)
+    checkpoint = checkpoint_to_resume(ckpt_path, cfg.resume, cfg.recipe, asdict(recipe), cfg.seed, dataset,
+                                      cfg.shards)
     run, pca_changed = build_run(cfg, recipe, rank, world, devices, dataset, ckpt_path, checkpoint)
     if checkpoint is not None:
         restore(run, checkpoint)
@@ -240,32 +121,6 @@ def setup(cfg: TrainConfig) -> Run:
               f"{lr_rule(cfg.recipe, cfg.overrides)} ({recipe.schedule}), loader "
               f"{type(run.train_loader).__name__} -> {cfg.out}", flush=True)
     return run
-
-
-def check_run_options(cfg: TrainConfig, recipe: Recipe, world: int) -> None:
-    """UsageError naming the first run option out of range (the recipe's values: Recipe.validate)."""
-    if recipe.batch_size % world:
-        raise UsageError(f"--batch-size {recipe.batch_size} is not divisible across {world} ranks")
-    if cfg.log_every < 1:
-        raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
-    if not 0 <= cfg.seed < 2 ** 63:
-        raise UsageError(f"--seed must be in [0, 2^63), not {cfg.seed}")
-    if cfg.loader_threads < 0:
-        raise UsageError(f"--loader-threads must be >= 0 (0: all cores), not {cfg.loader_threads}")
-    if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
-        raise UsageError(f"--checkpoint-minutes must be a finite number >= 0, not {cfg.checkpoint_minutes}")
-    if cfg.stall_steps < 0:
-        raise UsageError(f"--stall-steps must be >= 0, not {cfg.stall_steps}")
-    if cfg.backend not in BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
-    if cfg.probe_every < 0 or cfg.probe_every % cfg.log_every:
-        raise UsageError(f"--probe-every must be 0 or a multiple of --log-every ({cfg.log_every}), "
-                         f"not {cfg.probe_every}")
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
 
 
 def check_shards(shards: str) -> str:
@@ -354,7 +209,7 @@ def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
                 os.remove(os.path.join(cfg.out, name))
                 print(f"train: removed {os.path.join(cfg.out, name)}, left by a run killed while writing it",
                       file=sys.stderr, flush=True)
-        _write_config(run)
+        write_config(run)
         run.metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), resume_at)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -365,22 +220,6 @@ def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
         if isinstance(e, OSError):
             raise UsageError(f"{cfg.out}: cannot write the run directory ({e.strerror})") from None
         raise
-
-
-def _write_config(run: Run) -> None:
-    cfg = run.cfg
-    info = {"recipe": {"name": cfg.recipe, **asdict(run.recipe)},
-            "config": {k: v for k, v in asdict(cfg).items() if k != "overrides"},
-            "overridden": sorted(k for k, v in cfg.overrides.items() if v is not None),
-            "lr": {"weights": run.recipe.lr, "rule": lr_rule(cfg.recipe, cfg.overrides)},
-            "model": asdict(run.model_cfg), "normalization": run.norm.as_dict(), "world_size": run.world,
-            "devices": run.devices, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
-            "dataset": run.dataset, "loader": type(run.train_loader).__name__, "bf16": run.bf16,
-            "channels_last": run.channels_last}
-    tmp = os.path.join(cfg.out, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.out, "config.json"))
 
 
 def save_checkpoint(run: Run, epoch: int) -> None:
@@ -432,44 +271,6 @@ def _checkpoint_due(run: Run, last_ckpt: float) -> bool:
     return bool(due.item())  # a sync, but only at log steps, which sync anyway
 
 
-def fc7_dead_now(run: Run) -> float:
-    """The share of dead fc7 units on a fixed val batch (the first 64 centre crops), eval mode: no
-    dropout, and no random number drawn, so a run with probes trains exactly as one without."""
-    if run.probe is None:
-        loader = make_loader(run.cfg.shards, "val", batch_size=64, device=str(run.device), crop="center",
-                             backend=run.cfg.backend, normalization=run.norm, verify=run.cfg.verify,
-                             num_threads=run.cfg.loader_threads)
-        run.probe = next(iter(loader))[0]
-    return fc7_dead_share(run.model, run.probe)
-
-
-def _log_window(run: Run, epoch: int, lr: float, avg: float, rate: float, bar) -> None:
-    if not run.main:
-        return
-    bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2g}", img_s=f"{rate:.0f}")
-    record = {"kind": "step", "epoch": epoch, "step": run.step, "lr": lr, "train_loss": avg, "images_per_s": rate}
-    if run.cfg.probe_every and run.step % run.cfg.probe_every == 0:
-        record["fc7_dead"] = fc7_dead_now(run)
-    run.metrics.log(record)
-    if run.tb:
-        run.tb.add_scalar("train/loss", avg, run.step)
-        run.tb.add_scalar("train/lr", lr, run.step)
-
-
-def _check_stall(run: Run, epoch: int, avg: float) -> None:
-    """Once, at the first log step at or past --stall-steps (every rank decides alike)."""
-    if run.stall_checked or not run.cfg.stall_steps or run.step < run.cfg.stall_steps:
-        return
-    run.stall_checked = True
-    if not (run.main and at_chance(avg, run.num_classes)):
-        return
-    warning = stall_warning(avg, run.num_classes, run.step, run.cfg.recipe, run.recipe.init, fc7_dead_now(run))
-    if warning:
-        print(f"\ntrain: warning: {warning}", file=sys.stderr, flush=True)
-        run.metrics.log({"kind": "warning", "epoch": epoch, "step": run.step, "warning": "stall",
-                         "train_loss": avg, "message": warning})
-
-
 def train_epoch(run: Run, epoch: int) -> dict:
     """One pass over this rank's part of the training split, from the loader's position."""
     cfg, loader = run.cfg, run.train_loader
@@ -500,8 +301,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 guard.check()
                 avg = (window_loss / window_n).item()  # the only GPU sync, once per log_every steps
                 rate = window_images * run.world / (time.perf_counter() - t_window)
-                _log_window(run, epoch, lr, avg, rate, bar)
-                _check_stall(run, epoch, avg)
+                log_window(run, epoch, lr, avg, rate, bar)
+                check_stall(run, epoch, avg)
                 window_loss, window_n, window_images = torch.zeros((), device=run.device), 0, 0
                 t_window = time.perf_counter()
             if _checkpoint_due(run, last_ckpt):
@@ -568,44 +369,6 @@ def train(cfg: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------- command line
-
-def _arg_type(typ):
-    name = typ if isinstance(typ, str) else typ.__name__
-    return {"int": int, "float": float, "str": str}[name]
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Recipe values: "
-                                + "; ".join(f"{n}: {', '.join(f'{k}={v}' for k, v in asdict(r).items())}"
-                                            for n, r in RECIPES.items()))
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "overrides":
-            continue
-        dest = "--" + flag(f.name)
-        if f.type in ("bool", bool):
-            p.add_argument(dest, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f"{f.metadata['help']} (default: {f.default})")
-        else:
-            p.add_argument(dest, type=_arg_type(f.type), default=f.default, required=f.name == "shards",
-                           help=f.metadata["help"] + ("" if f.name == "shards" else f" (default: {f.default})"))
-    g = p.add_argument_group("recipe values (default: the recipe's; see model/recipes.py)")
-    for f in dataclasses.fields(Recipe):
-        dest = "--" + flag(f.name)
-        paper, caffe = getattr(RECIPES["paper"], f.name), getattr(RECIPES["caffe"], f.name)
-        shown = f"paper {paper:.4g}, caffe {caffe:.4g}" if isinstance(paper, float) else f"paper {paper}, caffe {caffe}"
-        if f.type in ("bool", bool):
-            g.add_argument(dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{f.metadata['help']} ({shown})")
-        else:
-            g.add_argument(dest, type=_arg_type(f.type), default=None, help=f"{f.metadata['help']} ({shown})")
-    return p
-
-
-def config_from_args(argv=None) -> TrainConfig:
-    args = vars(parser().parse_args(argv))
-    overrides = {k: args.pop(k) for k in RECIPE_FIELDS}
-    return TrainConfig(**args, overrides=overrides)
-
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption, `kill`): stopped as Ctrl-C stops a run."""

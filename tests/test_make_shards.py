@@ -258,11 +258,27 @@ def test_bad_input_one_line_error(sources, tmp_path, capsys, case):
         assert not os.path.exists(os.path.join(out, "dataset.json"))
 
 
+# make_shards with 30 ms more per image (the workers are forked, so they inherit the slower function): the
+# 60 images of the small sources take over a second, and a signal sent after the first shards lands mid-run.
+SLOWED = ("import sys, time; sys.path.insert(0, {repo!r}); from tools import make_shards; "
+          "fast = make_shards.process_image; "
+          "make_shards.process_image = lambda *a, **k: (time.sleep(0.03), fast(*a, **k))[1]; "
+          "sys.exit(make_shards.main(sys.argv[1:]))")
+
+
+def default_signals() -> None:
+    """SIGINT as a terminal gives it, whatever this suite inherited (a shell without job control starts
+    background jobs with SIGINT ignored, and so would the child be)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_make_shards(root: str, out: str, workers: int, shard_samples: int, wait_for_shards: int):
-    """make_shards as a process, once it has written `wait_for_shards` train shards: (process, command)."""
-    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
-           "--workers", str(workers), "--shard-samples", str(shard_samples)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    """make_shards (slowed) as a process, once it has written `wait_for_shards` train shards: (process, the
+    command of an ordinary run with the same options)."""
+    args = [root, out, "--workers", str(workers), "--shard-samples", str(shard_samples)]
+    cmd = [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), *args]
+    proc = subprocess.Popen([sys.executable, "-c", SLOWED.format(repo=REPO), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=default_signals)
     deadline = time.time() + 60
     while time.time() < deadline and len(glob.glob(os.path.join(out, "train-*.tar"))) < wait_for_shards:
         time.sleep(0.02)

@@ -287,9 +287,9 @@ def test_lrn_in_channels_last_memory_is_the_same_and_stays_channels_last():
 
 def _built(name: str, *flags: str):
     """What the trainer builds from a recipe name (and flags): recipe, model, optimizer."""
-    from model import train
-    cfg = train.config_from_args(["--shards", "unused", "--recipe", name, *flags])
-    recipe = train.resolve_recipe(cfg)
+    from model import options
+    cfg = options.config_from_args(["--shards", "unused", "--recipe", name, *flags])
+    recipe = options.resolve_recipe(cfg)
     torch.manual_seed(0)
     model = AlexNet(cfg=recipe.model_config(1000))
     return recipe, model, make_optimizer(model, recipe)
@@ -360,16 +360,16 @@ def test_the_step_per_image_is_kept_across_batch_sizes(name, flags, lr):
 
 def test_torchrun_ranks_do_not_change_the_lr(monkeypatch):
     """The batch is the global one: 2 ranks of 128 at --batch-size 256 take 0.02, as one process would."""
-    from model import train
+    from model import devices, options
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = train.config_from_args(["--shards", "unused", "--batch-size", "256"])
-    assert train.distributed()[1] == 2 and train.resolve_recipe(cfg).lr == pytest.approx(0.02)
+    cfg = options.config_from_args(["--shards", "unused", "--batch-size", "256"])
+    assert devices.distributed()[1] == 2 and options.resolve_recipe(cfg).lr == pytest.approx(0.02)
 
 
 def test_dead_fc7_units_are_counted_on_a_model_set_by_hand():
     """fc7 weights 0, biases -1 on the first 1,024 units and +1 on the rest: exactly 25 % dead."""
     from model.alexnet import fc7_dead_share
-    from model.train import stall_warning
+    from model.guards import stall_warning
     model = AlexNet(num_classes=10)
     with torch.no_grad():
         model.fc7.weight.zero_()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import evaluate, predict, train
+from model import checkpoint, evaluate, evaluation, guards, options, predict, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # width 1/8: the trainer's mechanics at ~15x less compute a step (the full size is test_model's, and the
@@ -87,9 +87,26 @@ def test_evaluate_and_predict(finished_run, tiny_shards, capsys, tmp_path):
     assert probs == sorted(probs, reverse=True) and 99.0 < sum(probs) <= 100.01
 
 
-def _train_cmd(shards, out):
-    return [sys.executable, "-m", "model.train", *run_args(shards, out, "--epochs", "2", "--checkpoint-minutes", "0",
-                                                              "--log-every", "1")]
+def _train_cmd(shards, out, epochs=2):
+    return [sys.executable, "-m", "model.train", *run_args(shards, out, "--epochs", str(epochs),
+                                                              "--checkpoint-minutes", "0", "--log-every", "1")]
+
+
+def default_signals() -> None:
+    """In a child about to be signalled: SIGINT and SIGTERM as a terminal gives them. A suite started in
+    the background by a shell without job control ignores SIGINT, and its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _wait_for_step(out: str, step: int, timeout: float = 120) -> None:
+    """Returns once the run in `out` has logged `step` (every step is logged and checkpointed here)."""
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics) and f'"step": {step},' in open(metrics).read():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never reached step {step}")
 
 
 @pytest.mark.slow
@@ -99,10 +116,7 @@ def test_sigkill_and_resume_end_with_bitwise_the_same_weights(tiny_shards, tmp_p
     proc = subprocess.Popen(_train_cmd(tiny_shards, killed), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = os.path.join(killed, "checkpoint.pt")
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.exists(ckpt):
-        time.sleep(0.05)
-    time.sleep(1.5)  # somewhere in the middle: a step, a checkpoint being written, an evaluation
+    _wait_for_step(killed, 3)  # then somewhere in the middle: a step, a checkpoint being written
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = torch.load(ckpt, weights_only=False)
@@ -231,9 +245,9 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_s
 
 
 def test_stall_warning_on_console_and_in_metrics(tiny_shards, tmp_path, capsys):
-    assert train.stall_warning(1.3863, 4, 2000, "paper", "paper") is not None  # ln 4 = 1.3863
-    assert train.stall_warning(1.3863 * 1.011, 4, 2000, "paper", "paper") is None  # beyond 1 %
-    assert "--init caffe" in train.stall_warning(6.9, 1000, 2000, "paper", "paper")
+    assert guards.stall_warning(1.3863, 4, 2000, "paper", "paper") is not None  # ln 4 = 1.3863
+    assert guards.stall_warning(1.3863 * 1.011, 4, 2000, "paper", "paper") is None  # beyond 1 %
+    assert "--init caffe" in guards.stall_warning(6.9, 1000, 2000, "paper", "paper")
     out = str(tmp_path / "stall")
     # lr 1e-12: nothing moves; Caffe's init without dropout starts within 1 % of ln 4 on these shards
     assert train.main(run_args(tiny_shards, out, "--epochs", "1", "--lr", "1e-12", "--stall-steps", "2",
@@ -266,11 +280,11 @@ def test_train_evaluate_and_predict_give_the_same_logits(finished_run, tiny_shar
         by_predict = model(predict.preprocess(image, ckpt["normalization"], ckpt["preprocessing"])[None])[0]
         x, _ = next(iter(make_loader(tiny_shards, "val", batch_size=4, normalization=ckpt["normalization"])))
         by_evaluate = model(x[:1])[0]
-        cfg = train.config_from_args(run_args(tiny_shards, finished_run, "--epochs", "2", "--resume"))
+        cfg = options.config_from_args(run_args(tiny_shards, finished_run, "--epochs", "2", "--resume"))
         run = train.setup(cfg)
         run.model.eval()
         by_train = run.model(next(iter(run.val_loader))[0][:1])[0]
-    train.release_lock(finished_run, run.lock)  # setup() took it; train() would have let it go
+    checkpoint.release_lock(finished_run, run.lock)  # setup() took it; train() would have let it go
     torch.testing.assert_close(by_evaluate, by_predict, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(by_train, by_evaluate, rtol=0, atol=0)
 
@@ -343,8 +357,8 @@ def test_evaluation_on_hand_built_logits(crops):
     if crops == 1:
         images = images[:, 0]
     batches = [(images[:4], torch.as_tensor(labels[:4])), (images[4:], torch.as_tensor(labels[4:]))]
-    sums = train.evaluate(_TableModel(logits), batches, torch.device("cpu"), bf16=False)
-    result = train.summarize(sums, classes)
+    sums = evaluation.evaluate(_TableModel(logits), batches, torch.device("cpu"), bf16=False)
+    result = evaluation.summarize(sums, classes)
     assert result["val_samples"] == n
     assert result["val_top1_error"] == pytest.approx(expect_top1, abs=1e-12)
     assert result["val_top5_error"] == pytest.approx(expect_top5, abs=1e-12)
@@ -361,10 +375,10 @@ def test_rng_restore_from_a_machine_with_more_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: (_ for _ in ()).throw(IndexError()))
     cpu = torch.get_rng_state()
-    train.set_rng_state({"torch": cpu, "cuda": [torch.tensor([1], dtype=torch.uint8)] * 8})
+    checkpoint.set_rng_state({"torch": cpu, "cuda": [torch.tensor([1], dtype=torch.uint8)] * 8})
     assert [d for d, _ in restored] == [0]
     restored.clear()
-    train.set_rng_state({"torch": cpu})  # a checkpoint from a CPU-only machine
+    checkpoint.set_rng_state({"torch": cpu})  # a checkpoint from a CPU-only machine
     assert restored == []
 
 
@@ -533,7 +547,7 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_leaves_no_temporary_f
     assert len(err) == 1 and "checkpoint.pt: cannot write the checkpoint (No space left on device) at step 2" \
         in err[0] and "the one of step 1 is kept" in err[0], err
     assert not [f for f in os.listdir(out) if ".tmp" in f]
-    assert train.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1
+    assert checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1
 
 
 @pytest.fixture
@@ -570,18 +584,17 @@ def test_sigint_and_sigterm_exit_with_one_line_and_keep_the_checkpoint(tiny_shar
     """Ctrl-C, or a scheduler's preemption (SIGTERM), during training: one line saying how to go on, no
     traceback, the lock released. (That a resumed run ends as an uninterrupted one is the SIGKILL test's.)"""
     out = str(tmp_path / "run")
-    proc = subprocess.Popen(_train_cmd(tiny_shards, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.exists(os.path.join(out, "checkpoint.pt")):  # mid-training
-        time.sleep(0.05)
+    # 40 epochs (~50 s at width 1/8): the signal comes at step 2, long before the end
+    proc = subprocess.Popen(_train_cmd(tiny_shards, out, epochs=40), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    _wait_for_step(out, 2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err
     lines = messages(err, "train")
     assert len(lines) == 1 and f"{said}; --resume continues from the last checkpoint" in lines[0], err
     assert not os.path.exists(os.path.join(out, ".lock"))
-    assert train.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] >= 1  # what --resume continues from
+    assert checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] >= 1  # what --resume continues from
 
 
 @pytest.mark.slow  # trains end to end
@@ -665,7 +678,7 @@ def test_resuming_a_two_rank_run_in_one_process_is_one_line(finished_run, tiny_s
     ckpt_path = os.path.join(out, "checkpoint.pt")
     ckpt = torch.load(ckpt_path, weights_only=False)
     ckpt["loader"]["world_size"] = 2
-    ckpt["digest"] = train.checkpoint_digest(ckpt)
+    ckpt["digest"] = checkpoint.checkpoint_digest(ckpt)
     torch.save(ckpt, ckpt_path)
     before = sorted(os.listdir(out))
     capsys.readouterr()

@@ -70,15 +70,15 @@ def diagnose(shards: str, names: list[str], batch_size: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from model import train
+    from model import options
     from model.alexnet import AlexNet
     from pipeline import make_loader
     from pipeline.normalization import Normalization
     out = {}
     print("variant        fc7 mean   fc7 image-dependence   logit spread / size   loss at init")
     for name in names:
-        cfg = train.config_from_args(["--shards", shards, *VARIANTS[name]])
-        recipe = train.resolve_recipe(cfg)
+        cfg = options.config_from_args(["--shards", shards, *VARIANTS[name]])
+        recipe = options.resolve_recipe(cfg)
         norm = Normalization.from_shards(shards, recipe.input_norm, recipe.train_scale)
         loader = make_loader(shards, "train", batch_size=batch_size, normalization=norm, lighting=False,
                              num_threads=2)

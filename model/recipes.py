@@ -70,8 +70,8 @@ class Recipe:
     width: float = _f(1.0, "every layer's maps and units times this (1 = the paper's; 1/8 for a quick "
                            "smoke run on a CPU, ~15x faster a step)")
     # input
-    input_norm: str = _f("mean", "'mean': x - mean in 0-255 units (cuda-convnet2 convdata.py); "
-                                 "'std': (x/255 - mean) / std")
+    input_norm: str = _f("mean", "the normalization mode (pipeline/normalization.py): 'mean': x - mean in 0-255 "
+                                 "units (cuda-convnet2 convdata.py); 'std': (x/255 - mean) / std; 'none': raw 0-255")
     lighting: bool = _f(True, "PCA lighting, alpha ~ N(0, 0.1^2) times sqrt(eigenvalue) (section 4.1, convdata.py)")
     train_scale: float = _f(1 / 1.1, "lit training batches are multiplied by this (convdata.py: 1 / (1 + 0.1))")
 
@@ -85,9 +85,10 @@ class Recipe:
     def validate(self) -> None:
         """ValueError naming the flag and what is wrong."""
         from model.alexnet import INITS
+        from pipeline.normalization import MODES
         choices = {"schedule": ("plateau", "step"), "init": INITS,
                    "lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
-                   "input_norm": ("mean", "std")}
+                   "input_norm": MODES}
         for f in fields(self):  # NaN passes every comparison below, and inf trains nothing
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

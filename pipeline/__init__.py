@@ -18,16 +18,16 @@ BACKENDS = ("auto", "dali", "wds", "synthetic")
 
 def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, device: str = "cpu",
                 rank: int = 0, world_size: int = 1, seed: int = 0, crop: str | None = None,
-                normalize: bool | str = "mean", lighting: bool | None = None, flip: bool | None = None,
+                normalization="mean", lighting: bool | None = None, flip: bool | None = None,
                 shuffle: bool | None = None, channels_last: bool = False, num_threads: int = 0,
-                backend: str = "auto", normalization=None, verify: bool = True):
+                backend: str = "auto", verify: bool = True):
     """A loader over `split` of a shard directory (see pipeline/loader.py's LoaderConfig).
 
     Defaults follow the split: train takes random crops, flips, lighting and a new
     order every epoch; other splits the centre crop in source order. crop="ten"
-    yields [B, 10, 3, 224, 224]. normalize: "mean" (x - 255 mean, 0-255 units), "std" or False
-    (raw 0-255), from SHARDS/pca.json; or `normalization`, a pipeline.normalization.Normalization
-    (the trainer's or a checkpoint's), which then replaces both. backend: "dali", "wds", "auto" (DALI if it imports), or
+    yields [B, 10, 3, 224, 224]. normalization: "mean" (x - 255 mean, 0-255 units), "std" or "none"
+    (raw 0-255) with SHARDS/pca.json's numbers, or a whole pipeline.normalization.Normalization (the
+    trainer's or a checkpoint's; pca.json is then not read). backend: "dali", "wds", "auto" (DALI if it imports), or
     "synthetic" (fixed random batches of the split's size, for measuring the trainer alone).
     verify: check each shard's sha256 against dataset.json before its samples leave the loader
     (once per loader, in the background; pipeline/verify.py).
@@ -38,8 +38,7 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
     crop = crop or ("random" if train else "center")
     augment = crop == "random"
     cfg = LoaderConfig(shards_dir=shards_dir, split=split, batch_size=batch_size, device=str(device), rank=rank,
-                       world_size=world_size, seed=seed, crop=crop, normalize=normalize,
-                       normalization=normalization,
+                       world_size=world_size, seed=seed, crop=crop, normalization=normalization,
                        lighting=augment if lighting is None else lighting,
                        flip=augment if flip is None else flip,
                        shuffle=train if shuffle is None else shuffle,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline import plan
-from pipeline.normalization import Normalization
+from pipeline.normalization import MODES, Normalization
 from pipeline.shards import ShardError, load_manifest, read_index, split_shards
 from pipeline.verify import ShardVerifier
 
@@ -26,10 +26,9 @@ class LoaderConfig:
     world_size: int = 1
     seed: int = 0
     crop: str = "random"            # "random" (train), "center" or "ten" (eval)
-    normalize: bool | str = "mean"  # "mean": x - 255 mean, 0-255 units (the paper and its code, the default);
-                                    # "std" (or True): (x/255 - mean) / std; False: raw 0-255 (pca.json's values)
-    normalization: Normalization | None = None  # all of the above, given whole (the trainer's, a checkpoint's):
-                                    # then `normalize` and pca.json are not used
+    normalization: Normalization | str = "mean"  # a mode, with SHARDS/pca.json's numbers: "mean" (x - 255 mean,
+                                    # 0-255 units: the paper and its code, the default), "std" ((x/255 - mean) / std),
+                                    # "none" (raw 0-255); or a whole Normalization (the trainer's, a checkpoint's)
     lighting: bool = True           # PCA lighting (paper, section 4.1); only with crop="random"
     flip: bool = True               # p = 0.5 horizontal flips; only with crop="random"
     shuffle: bool = True            # reshuffle every epoch (train); False: source order (eval)
@@ -71,8 +70,9 @@ class ShardLoader:
         if cfg.batch_size < 1 or not 0 <= cfg.rank < cfg.world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {cfg.batch_size}, "
                              f"{cfg.rank}, {cfg.world_size})")
-        if cfg.normalization is None and cfg.normalize not in (True, False, "std", "mean"):
-            raise ValueError(f"normalize must be 'mean', 'std', True or False, not {cfg.normalize!r}")
+        if not isinstance(cfg.normalization, Normalization) and cfg.normalization not in MODES:
+            raise ValueError(f"normalization must be one of {', '.join(MODES)} or a Normalization, "
+                             f"not {cfg.normalization!r}")
         if cfg.crop != "random" and (cfg.lighting or cfg.flip):
             raise ValueError("lighting and flips are training augmentations: pass lighting=False, flip=False "
                              f"with crop={cfg.crop!r}")
@@ -92,10 +92,9 @@ class ShardLoader:
         self.counts = [len(e) for e in self.entries]
         self.size = self.manifest["preprocessing"]["size"]
         self.norm = cfg.normalization
-        if self.norm is None:
-            mode = {True: "std", False: "none"}.get(cfg.normalize, cfg.normalize)
+        if not isinstance(self.norm, Normalization):
             try:
-                self.norm = Normalization.from_shards(cfg.shards_dir, mode)
+                self.norm = Normalization.from_shards(cfg.shards_dir, cfg.normalization)
             except FileNotFoundError as e:
                 raise ShardError(str(e)) from None
         self.epoch, self.batch = 0, 0  # the next batch to yield

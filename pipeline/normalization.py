@@ -5,7 +5,7 @@ Contract version 2 (docs/DESIGN.md), per image, in 0-255 units:
     light = 255 * gain * sum_i alpha_i * sqrt(eigenvalue_i) * eigenvector_i,   alpha_i ~ N(0, 0.1^2)
     out   = (crop + light - shift) / divisor * (train_scale if the batch has lighting else 1)
 
-    normalize  shift        divisor
+    mode       shift        divisor
     "mean"     255 * mean   1            the paper's and its code's input: 0-255 minus the mean
     "std"      255 * mean   255 * std    (x/255 - mean) / std, the modern convention
     "none"     0            1            raw 0-255
@@ -67,7 +67,7 @@ class Normalization:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"normalize must be one of {MODES}, not {self.mode!r}")
+            raise ValueError(f"the normalization mode must be one of {MODES}, not {self.mode!r}")
         if not (math.isfinite(self.train_scale) and self.train_scale > 0):
             raise ValueError(f"train_scale must be finite and > 0, not {self.train_scale}")
 

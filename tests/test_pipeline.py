@@ -127,7 +127,7 @@ def test_lighting_in_loader_output_is_0_1_sqrt_lambda_along_each_eigenvector(sha
     image, whose projection on eigenvector i has std 0.1 * sqrt(lambda_i) * 255 (contract v2, not the
     paper's literal 'times lambda'), independently from image to image."""
     pca = pca_of(shards)
-    kw = dict(batch_size=100, normalize=False, num_threads=2, seed=5)
+    kw = dict(batch_size=100, normalization="none", num_threads=2, seed=5)
     lit = list(make_loader(shards, "train", lighting=True, **kw))
     unlit = list(make_loader(shards, "train", lighting=False, **kw))
     offsets = np.concatenate([(a - b).double().mean((2, 3)).numpy() for (a, _), (b, _) in zip(lit, unlit)])
@@ -177,7 +177,7 @@ def test_train_batches_match_reference(shards, decoded, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unnormalized_output_is_in_0_255_units(shards, decoded, backend):
-    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalize=False, lighting=False,
+    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalization="none", lighting=False,
                          num_threads=2)
     assert_matches_reference(loader, decoded, max_batches=2, mode="none")
     x, _ = next(iter(loader))
@@ -186,18 +186,18 @@ def test_unnormalized_output_is_in_0_255_units(shards, decoded, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mean_only_normalization_is_the_default(shards, decoded, backend):
-    """normalize="mean" (the default): x - 255 * mean in 0-255 units, no division (cuda-convnet2
+    """normalization="mean" (the default): x - 255 * mean in 0-255 units, no division (cuda-convnet2
     convdata.py); "std" the option; a Normalization with the paper's 1/1.1 scales lit batches."""
     loader = make_loader(shards, "train", batch_size=8, backend=backend, num_threads=2)
     assert_matches_reference(loader, decoded, max_batches=1, mode="mean")
-    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalize="std", num_threads=2)
+    loader = make_loader(shards, "train", batch_size=8, backend=backend, normalization="std", num_threads=2)
     assert_matches_reference(loader, decoded, max_batches=1, mode="std")
     norm = Normalization.from_pca(pca_of(shards), "mean", train_scale=1 / 1.1)
     loader = make_loader(shards, "train", batch_size=8, backend=backend, normalization=norm, num_threads=2)
     assert_matches_reference(loader, decoded, max_batches=1, mode="mean", train_scale=1 / 1.1)
     val = make_loader(shards, "val", batch_size=8, backend=backend, normalization=norm, num_threads=2)
     assert_matches_reference(val, decoded, max_batches=1, mode="mean")  # no scale without lighting
-    x, _ = next(iter(make_loader(shards, "val", batch_size=8, backend=backend, normalize="mean", num_threads=2)))
+    x, _ = next(iter(make_loader(shards, "val", batch_size=8, backend=backend, normalization="mean", num_threads=2)))
     assert 30 < x.std() < 120 and abs(x.mean()) < 30
 
 
@@ -427,6 +427,10 @@ def test_bad_arguments():
         make_loader("unused", "val", crop="left")
     with pytest.raises(ValueError, match="lighting and flips are training augmentations"):
         make_loader("unused", "val", crop="center", lighting=True)
+    # one vocabulary for the normalization mode: the old booleans are not a mode
+    for bad in (False, True, "standard"):
+        with pytest.raises(ValueError, match="normalization must be one of mean, std, none or a Normalization"):
+            make_loader("unused", "val", normalization=bad)
 
 
 # ---------------------------------------------------------------- GPU (skipped without one)
@@ -439,7 +443,7 @@ def test_gpu_pipeline_matches_cpu_pipeline(shards):
         (xc, yc), (xg, yg) = next(iter(cpu)), next(iter(gpu))
         assert xg.is_cuda and yg.is_cuda and torch.equal(yc, yg.cpu())
         # nvJPEG's IDCT and upsampling may round differently from libjpeg-turbo's: DALI's own decoder
-        # tests accept about one grey level on average (these are 0-255 units, normalize="mean")
+        # tests accept about one grey level on average (these are 0-255 units, normalization="mean")
         assert (xg.cpu() - xc).abs().mean() <= 1.0, crop
 
 
@@ -496,7 +500,7 @@ def test_ten_crops_and_centre_crop_of_a_coordinate_image(tmp_path, backend):
     assert make_shards.main([str(src), out, "--quality", "95", "--workers", "1"]) == 0
     assert compute_pca.main([out, "--quiet"]) == 0
     for crop, positions in (("ten", [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]), ("center", [(16, 16)])):
-        x, _ = next(iter(make_loader(out, "val", batch_size=1, crop=crop, normalize=False, backend=backend,
+        x, _ = next(iter(make_loader(out, "val", batch_size=1, crop=crop, normalization="none", backend=backend,
                                      num_threads=1)))
         crops = x[0].numpy() if crop == "ten" else x.numpy()
         assert len(crops) == (10 if crop == "ten" else 1)

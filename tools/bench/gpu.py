@@ -13,7 +13,7 @@ from tools.bench.common import _epoch_rate, _epoch_timing, _line, _model_rate, _
 
 # nvJPEG (GPU) and libjpeg-turbo (CPU) may round the IDCT and the chroma upsampling differently: DALI's
 # own decoder tests accept a mean difference of about one grey level, and a maximum of a few levels.
-DECODER_MEAN_TOLERANCE = 1.0  # grey levels (0-255 units: the pipeline's default normalize="mean")
+DECODER_MEAN_TOLERANCE = 1.0  # grey levels (0-255 units: the pipeline's default normalization="mean")
 HW_DECODER_LOADS = (0.0, 0.35, 0.65, 0.9)  # shares of JPEGs for the hardware decoder, swept on a GPU
 
 

@@ -37,10 +37,10 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
-	$(PY) -m tools.demo
+	$(PY) -m tools.dev.demo
 
 bench: $(STAMP)
-	$(PY) -m tools.bench all
+	$(PY) -m tools.dev.bench all
 
 clean-demo:
 	rm -rf demo shards/sample

@@ -1,7 +1,7 @@
 """A loader of fixed random batches with a real split's length and classes: no decoding at all.
 
-For measuring the trainer and the model without the pipeline (tools/bench/train.py,
-tools/gpu_check.sh); `--backend synthetic` in the trainer. Not for learning anything.
+For measuring the trainer and the model without the pipeline (tools/dev/bench/train.py,
+tools/dev/gpu_check.sh); `--backend synthetic` in the trainer. Not for learning anything.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A flipped byte in a JPEG or a relabelled `.cls` member gives no decoder error: i
 trains. So before a shard's samples leave a loader, its bytes are hashed and
 compared with the sha256 make_shards recorded. Hashing costs ~20 us per 256 px
 image (sha256 at ~1.2 GB per CPU second, 25-30 KB per image), 2.3-2.5 % of the CPU
-time of an epoch of the CPU pipeline (tools.bench pipeline): too much to do in the
+time of an epoch of the CPU pipeline (tools.dev.bench pipeline): too much to do in the
 reader's line, so one background thread hashes the shards
 in the order the epoch will read them, a few shards ahead of the reader (on a
 data set larger than memory, a shard hashed far ahead would be read from disk

@@ -1,4 +1,4 @@
-"""tools/gpu_check.sh: the offline bundle round trip and the CPU dry run (the GPU run needs a GPU)."""
+"""tools/dev/gpu_check.sh: the offline bundle round trip and the CPU dry run (the GPU run needs a GPU)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tools", "gpu_check.sh")
+SCRIPT = os.path.join(REPO, "tools", "dev", "gpu_check.sh")
 
 
 @pytest.mark.slow

@@ -160,7 +160,7 @@ def test_the_two_halves_copy_the_cast_input_under_autocast():
 def test_the_decoder_check_tolerates_a_grey_level_on_average(shift, ok):
     """nvJPEG against libjpeg-turbo: a mean difference up to one grey level passes, more does not; the
     maximum is reported."""
-    from tools.bench.gpu import decoder_agreement
+    from tools.dev.bench.gpu import decoder_agreement
     cpu = torch.zeros(2, 3, 224, 224)
     gpu = cpu + shift
     gpu[0, 0, 0, 0] = 4.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from tools.bench.common import _line, _model_rate, _quiet, _shards, _trainer_rate
+from tools.dev.bench.common import _line, _model_rate, _quiet, _shards, _trainer_rate
 
 
 def bench_train(a) -> dict:

@@ -1,4 +1,4 @@
-"""The GPU check (tools/gpu_check.sh): pipeline semantics and rate, model throughput, the trainer
+"""The GPU check (tools/dev/gpu_check.sh): pipeline semantics and rate, model throughput, the trainer
 end to end, the two halves, and the recipe study."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from tools.bench.common import _epoch_rate, _epoch_timing, _line, _model_rate, _quiet, _shards, _trainer_rate
+from tools.dev.bench.common import _epoch_rate, _epoch_timing, _line, _model_rate, _quiet, _shards, _trainer_rate
 
 # nvJPEG (GPU) and libjpeg-turbo (CPU) may round the IDCT and the chroma upsampling differently: DALI's
 # own decoder tests accept a mean difference of about one grey level, and a maximum of a few levels.
@@ -76,7 +76,7 @@ def bench_gpu(a) -> dict:
         import nvidia.dali
         report["dali"] = nvidia.dali.__version__
     except ImportError:  # the check is about DALI: never fall back to the webdataset loader silently
-        print("gpu check: DALI is not installed here (pip install nvidia-dali-cuda130, or tools/gpu_check.sh "
+        print("gpu check: DALI is not installed here (pip install nvidia-dali-cuda130, or tools/dev/gpu_check.sh "
               "--wheels BUNDLE on an offline node)")
         sys.exit(1)
     print(f"GPU check on {report['device']}: torch {report['torch']}, DALI {report['dali']}, "
@@ -163,7 +163,7 @@ def bench_gpu(a) -> dict:
         print(f"   {label}: max |logit diff| {report['halves'][label]:.2e}")
     report.save("halves")
 
-    # 5. the recipe study (tools/init_study.py) on the generated 100-class set: which recipes leave chance
+    # 5. the recipe study (tools/dev/init_study.py) on the generated 100-class set: which recipes leave chance
     if a.study_epochs != 0:
         with tempfile.TemporaryDirectory() as tmp:
             report["recipe_study"] = _recipe_study(tmp, dev, dry, a)
@@ -183,9 +183,10 @@ def _dali_loader(out: str, batch: int, dev: str, hw_decoder_load: float):
 
 
 def _recipe_study(tmp: str, dev: str, dry: bool, a) -> dict:
-    """tools/init_study.py on the 100-class sample set (4 classes in a dry run), without checkpoints or
+    """tools/dev/init_study.py on the 100-class sample set (4 classes in a dry run), without checkpoints or
     plots; its plot and numbers are copied next to the --json report."""
-    from tools import compute_pca, init_study, make_sample_data, make_shards
+    from tools import compute_pca, make_sample_data, make_shards
+    from tools.dev import init_study
     classes, per_class, batch = (4, 8, 8) if dry else (100, 40, 128)
     epochs = a.study_epochs or (1 if dry else STUDY_EPOCHS)
     src, shards, runs = (os.path.join(tmp, d) for d in ("study-src", "study-shards", "study-runs"))

@@ -1,6 +1,6 @@
 """Train each recipe on the same data, seed and image budget, and show which ones leave chance.
 
-    python -m tools.init_study SHARDS [--epochs 3] [--batch-size 128] [--out runs/init_study]
+    python -m tools.dev.init_study SHARDS [--epochs 3] [--batch-size 128] [--out runs/init_study]
         [--variants paper,cuda-convnet2,caffe,kaiming,cuda-convnet2@32] [--probe-every 4] [--reuse]
 
 Variants (model/recipes.py, README "Recipes"), each the paper recipe but for what it names:

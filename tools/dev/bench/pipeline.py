@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from tools.bench.common import ROUNDS, _cpu_seconds, _epoch_timing, _interleaved, _line, _quiet, _shards, _source
+from tools.dev.bench.common import ROUNDS, _cpu_seconds, _epoch_timing, _interleaved, _line, _quiet, _shards, _source
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet values, for (b)
 

@@ -6,7 +6,7 @@ import subprocess
 import tempfile
 import time
 
-from tools.bench.common import REPO, ROUNDS, _interleaved, _line, _quiet, _source
+from tools.dev.bench.common import REPO, ROUNDS, _interleaved, _line, _quiet, _source
 
 
 def naive_loop(src: str, draft: bool = True) -> tuple[int, float]:
@@ -101,8 +101,8 @@ def bench_shards(a) -> dict:
         for k, (label, _) in contenders.items():
             _line(label, res[k])
         if a.stock_python:
-            code = ("import sys; sys.path.insert(0, %r); from tools.bench.shards import naive_loop; "
-                    "from tools.bench.common import _best_rate; "
+            code = ("import sys; sys.path.insert(0, %r); from tools.dev.bench.shards import naive_loop; "
+                    "from tools.dev.bench.common import _best_rate; "
                     "naive_loop(%r); import PIL; print(_best_rate(%d, lambda: naive_loop(%r)), PIL.__version__)"
                     ) % (REPO, src, n, src)
             out = subprocess.run([a.stock_python, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from tools.bench.common import ROUNDS, _interleaved, _line, _shards
+from tools.dev.bench.common import ROUNDS, _interleaved, _line, _shards
 
 
 def _decode_shard(path: str) -> int:

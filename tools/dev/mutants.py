@@ -1,8 +1,8 @@
 """Mutation testing: small deliberate bugs, each of which the fast tests must catch.
 
-    python -m tools.mutants              # every mutant; exit 1 if any survives
-    python -m tools.mutants --list       # the list, without running
-    python -m tools.mutants --only NAME [--only NAME2 ...]
+    python -m tools.dev.mutants              # every mutant; exit 1 if any survives
+    python -m tools.dev.mutants --list       # the list, without running
+    python -m tools.dev.mutants --only NAME [--only NAME2 ...]
 
 Each mutant replaces one exact piece of text in one file of a temporary copy of
 the repository (the tracked files and the built extension), then runs the tests
@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Prove and measure every GPU path in minutes, offline. Writes gpu_check.json and prints a summary.
 #
-#   tools/gpu_check.sh [--out DIR]               run the check on this machine's GPU (<= 8 min on an H200)
-#   tools/gpu_check.sh --dry-run [--out DIR]     the same script on the CPU with tiny sizes (no GPU needed)
-#   tools/gpu_check.sh --bundle DIR              (where the package index is reachable) download the wheels a
+#   tools/dev/gpu_check.sh [--out DIR]               run the check on this machine's GPU (<= 8 min on an H200)
+#   tools/dev/gpu_check.sh --dry-run [--out DIR]     the same script on the CPU with tiny sizes (no GPU needed)
+#   tools/dev/gpu_check.sh --bundle DIR              (where the package index is reachable) download the wheels a
 #                                                GPU node lacks, split them into pieces and pack the pieces into
 #                                                transfer folders DIR/transfer-NN of <= 60 MB, each with the checksums
-#   tools/gpu_check.sh --wheels DIR [--wheels DIR2 ...]   (on the GPU node, no network) collect the pieces from
+#   tools/dev/gpu_check.sh --wheels DIR [--wheels DIR2 ...]   (on the GPU node, no network) collect the pieces from
 #                                                every folder below the DIRs, verify each sha256, name what is
 #                                                missing, reassemble, install (--no-deps), then run the check
 # Options: --install-only (with --wheels: install, no check), --python PY (interpreter to install into and run
@@ -15,7 +15,7 @@
 #          six packaging), --transfer-size SIZE (bytes per transfer folder, default 60M; pieces are as large),
 #          --target-python 3.12, --study-epochs N (epochs per variant in the check's recipe study; 0 skips it).
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
+here="$(cd "$(dirname "$0")/../.." && pwd)"
 py=python3 out=gpu_check mode=check bundle="" wheels=() transfer_size=60M target_py=3.12 study_epochs=""
 packages="nvidia-dali-cuda130==2.4.0 webdataset"
 skip="numpy six packaging"
@@ -73,7 +73,7 @@ if [ "$mode" = bundle ]; then
   echo "bundle: $n transfer folders of <= $transfer_size in $bundle ($(du -sh "$bundle" | cut -f1)):" \
        $(cd "$bundle" && ls -d transfer-*)
   echo "send each folder in its own call (they may land in different places), then:" \
-       "tools/gpu_check.sh --wheels FOLDER [--wheels FOLDER2 ...]"
+       "tools/dev/gpu_check.sh --wheels FOLDER [--wheels FOLDER2 ...]"
   exit 0
 fi
 
@@ -112,4 +112,4 @@ args=(--json "$out/gpu_check.json")
 [ "$mode" = dry ] && args+=(--dry-run)
 [ -n "$study_epochs" ] && args+=(--study-epochs "$study_epochs")
 mkdir -p "$out"
-PYTHONUNBUFFERED=1 "$py" -m tools.bench gpu "${args[@]}" 2>&1 | tee "$out/gpu_check.txt"
+PYTHONUNBUFFERED=1 "$py" -m tools.dev.bench gpu "${args[@]}" 2>&1 | tee "$out/gpu_check.txt"

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The demo trains the default recipe at batch 32 instead of the paper's 128, so that 4 epochs of its 500
 # images are 64 steps, not 16; the lr follows the batch by the recipe's rule (0.01 x 32/128 = 0.0025, the
 # paper's step per image).

@@ -1,1 +1,0 @@
-"""Benchmarks: `python -m tools.bench {shards,pca,pipeline,train,gpu,all}` (see __main__.py)."""

@@ -1,6 +1,6 @@
 """Checkpoints and the run directory's lock: save, load and verify (a sha256 over everything a
-checkpoint holds), the momentum by canonical parameter name, the RNG states. Used by train,
-evaluate and predict."""
+checkpoint holds), the momentum by canonical parameter name, the RNG states, a model from a checkpoint
+and the check that a shard set has its classes. Used by train, evaluate, predict and the figure tools."""
 from __future__ import annotations
 
 import errno
@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from model.alexnet import named_canonical_parameters
+from model.alexnet import AlexNetConfig, build, load_canonical, named_canonical_parameters
 from model.errors import UsageError
+from pipeline.normalization import Normalization
 from pipeline.shards import MANIFEST
 
 # Recipe values that may differ between a run and its resumption (they change no number already
@@ -197,3 +198,30 @@ def checkpoint_to_resume(path: str, resume: bool, recipe_name: str, recipe: dict
         raise UsageError(f"{path}: was trained on another shard set (its dataset.json differs from "
                          f"{os.path.join(shards, MANIFEST)})")
     return checkpoint
+
+
+def load_model(path: str, device: str):
+    """(model in eval mode on `device`, checkpoint dict); UsageError on a file that is no checkpoint."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such checkpoint")
+    ckpt = load_checkpoint(path)
+    try:
+        model_cfg = AlexNetConfig(**ckpt["model_config"])
+        ckpt["normalization"] = Normalization.from_dict(ckpt["normalization"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UsageError(f"{path}: not a checkpoint of model.train ({type(e).__name__}: {e})") from None
+    model = build(model_cfg, [device])
+    load_canonical(model, ckpt["model"])
+    return model.eval(), ckpt
+
+
+def check_classes(path: str, ckpt: dict, manifest: dict, shards: str) -> None:
+    """UsageError unless the shards' classes are the checkpoint's, wnid for wnid and in the same order
+    (the same count is not enough: a renamed class folder gives the same count)."""
+    wnids = [c["wnid"] for c in manifest["classes"]]
+    if ckpt["num_classes"] != len(wnids):
+        raise UsageError(f"{path}: has {ckpt['num_classes']} classes, the shards have {len(wnids)}")
+    if ckpt["wnids"] != wnids:
+        i = next(i for i, (a, b) in enumerate(zip(ckpt["wnids"], wnids)) if a != b)
+        raise UsageError(f"{path}: was trained on other classes than {shards} has (class {i}: "
+                         f"{ckpt['wnids'][i]} in the checkpoint, {wnids[i]} in the shards)")

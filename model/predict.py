@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.evaluate import load_model
+from model.checkpoint import load_model
 from model.devices import parse_devices
 from model.errors import UsageError
 from pipeline.images import shard_image

@@ -272,7 +272,7 @@ def test_train_evaluate_and_predict_give_the_same_logits(finished_run, tiny_shar
     from pipeline import make_loader
     from pipeline.shards import load_manifest
     ckpt_path = os.path.join(finished_run, "checkpoint.pt")
-    model, ckpt = evaluate.load_model(ckpt_path, "cpu")
+    model, ckpt = checkpoint.load_model(ckpt_path, "cpu")
     manifest = load_manifest(tiny_shards)
     _, sample = next(tarfile_samples(os.path.join(tiny_shards, manifest["splits"]["val"]["shards"][0]["file"])))
     image = os.path.join(manifest["source"]["path"], json.loads(sample["json"])["source"])

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     try:
         load_manifest(a.shards)  # "no such shard directory" before any advice about pca.json
         if a.checkpoint:
-            from model.evaluate import load_model
+            from model.checkpoint import load_model
             from model.errors import UsageError
             try:
                 ckpt = load_model(a.checkpoint, "cpu")[1]

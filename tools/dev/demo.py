@@ -1,7 +1,7 @@
 """`make demo`: the whole job on built-in synthetic sample data, on the CPU, in a few minutes.
 
     sample ImageNet tree -> shards -> PCA -> a short training run -> evaluation
-    (centre and 10-crop) -> predictions on a few images
+    (centre and 10-crop) -> predictions on a few images -> the paper's figures 3 and 4
 
 The sample data is synthetic (coloured shapes, tools/make_sample_data.py), so
 the figures say that the system works end to end, not how AlexNet does on
@@ -75,12 +75,22 @@ def main(argv=None) -> int:
     step("6. python -m model.predict on three validation images")
     images = sorted(glob.glob(os.path.join(src, "val", "*", "*.JPEG")))[::37][:3]
     predict.main(["--checkpoint", ckpt, *images])
+    step("7. the paper's figures (section 6.1): conv1 kernels, top-5 predictions, fc7 nearest neighbours")
+    from tools import neighbours, show_filters, show_predictions
+    figures = [(show_filters, [ckpt, f"{run}/filters.png"]),
+               (show_predictions, [ckpt, shards, f"{run}/predictions.png"]),
+               (neighbours, [ckpt, shards, f"{run}/neighbours.png", "--queries", "4"])]
+    for tool, args in figures:
+        print(f"   python -m tools.{tool.__name__.split('.')[-1]} {' '.join(args)}", flush=True)
+        if tool.main(args) != 0:
+            return 1
     c, t = results["center"], results["ten"]
     print(f"\nDemo done in {time.time() - t0:.0f} s. Validation error on {c['val_samples']} synthetic images "
           f"(chance 90.0% top-1, 50.0% top-5):\n"
           f"  centre crop: top-1 {100 * c['val_top1_error']:.1f}%, top-5 {100 * c['val_top5_error']:.1f}%\n"
           f"  10 crops:    top-1 {100 * t['val_top1_error']:.1f}%, top-5 {100 * t['val_top5_error']:.1f}%\n"
-          f"Run directory: {run}/ (config.json, metrics.jsonl, plot.png, checkpoint.pt)")
+          f"Run directory: {run}/ (config.json, metrics.jsonl, plot.png, checkpoint.pt, and the figures "
+          "filters.png, predictions.png, neighbours.png)")
     return 0
 
 

@@ -38,6 +38,7 @@ class Mutant:
 
 
 M, T, P, S = "tests/test_model.py", "tests/test_train.py", "tests/test_pipeline.py", "tests/test_make_shards.py"
+F = "tests/test_figures.py"
 MUTANTS = (
     # the model
     Mutant("LRN before ReLU", "model/alexnet.py",
@@ -135,7 +136,7 @@ MUTANTS = (
     Mutant("checkpoint digest over the tensors only", "model/checkpoint.py",
            "    h.update(json.dumps(_without_tensors(rest), sort_keys=True, default=repr).encode())", "",
            (f"{T}::test_a_flipped_byte_outside_the_tensors_is_refused",)),
-    Mutant("evaluate counts the classes only", "model/evaluate.py", '    if ckpt["wnids"] != wnids:', "    if False:",
+    Mutant("evaluate counts the classes only", "model/checkpoint.py", '    if ckpt["wnids"] != wnids:', "    if False:",
            (f"{T}::test_evaluate_refuses_shards_of_other_classes_with_the_same_count",)),
     Mutant("the .idx trusted", "pipeline/dali.py", '                    if member_at(data, o) != (f"{entry.key}.{ext}", n):',
            "                    if False:", (f"{P}::test_a_rotated_index_label_column_is_refused",)),
@@ -150,6 +151,17 @@ MUTANTS = (
     Mutant("wds batch leaves before its shards are verified", "pipeline/wds.py",
            "            self.verified(order[k * bs:(k + 1) * bs])", "            self.verified(order[:0])",
            (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
+    # the paper's figures (section 6.1)
+    Mutant("colour share without the grey axis", "tools/show_filters.py",
+           "    return ((w - grey) ** 2).sum(axis=(1, 2, 3))", "    return (w ** 2).sum(axis=(1, 2, 3))",
+           (f"{F}::test_colour_share_by_hand",)),
+    Mutant("top-5 in ascending order", "tools/show_predictions.py", "np.argsort(-p, kind=\"stable\")",
+           "np.argsort(p, kind=\"stable\")", (f"{F}::test_top5_rows_by_hand",)),
+    Mutant("the farthest neighbours", "tools/neighbours.py", "largest=False, sorted=True",
+           "largest=True, sorted=True", (f"{F}::test_nearest_in_blocks_is_brute_force",)),
+    Mutant("each block forgets the best so far", "tools/neighbours.py",
+           "merged_d, merged_i = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)",
+           "merged_d, merged_i = d, idx", (f"{F}::test_nearest_in_blocks_is_brute_force",)),
 )
 
 

@@ -49,11 +49,13 @@ def nearest(queries: torch.Tensor, features, k: int, block: int = 65536,
     best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=device)
     for start in range(0, len(features), block):
         t = torch.from_numpy(np.asarray(features[start:start + block], dtype=np.float32)).to(device)
-        d = (q_norm - 2 * q @ t.T + (t * t).sum(1)[None]).clamp_min_(0)
+        t_norm = torch.linalg.vector_norm(t, dim=1) ** 2  # no block-sized temporary, as t * t would make
+        d = (q_norm - 2 * q @ t.T + t_norm[None]).clamp_min_(0)
         idx = torch.arange(start, start + len(t), device=device).expand(len(q), -1)
         merged_d, merged_i = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
         best_d, pos = merged_d.topk(min(k, merged_d.shape[1]), 1, largest=False, sorted=True)
         best_i = merged_i.gather(1, pos)
+        del t, d, merged_d, merged_i  # the next block is read with this one gone: one block at a time
     return best_d.cpu(), best_i.cpu()
 
 

@@ -225,3 +225,20 @@ def check_classes(path: str, ckpt: dict, manifest: dict, shards: str) -> None:
         i = next(i for i, (a, b) in enumerate(zip(ckpt["wnids"], wnids)) if a != b)
         raise UsageError(f"{path}: was trained on other classes than {shards} has (class {i}: "
                          f"{ckpt['wnids'][i]} in the checkpoint, {wnids[i]} in the shards)")
+
+
+def load_matching(model, parent: dict, path: str) -> dict:
+    """Into `model`, every canonical tensor of the checkpoint `parent` whose name and shape match; the
+    rest keep their initialisation. Returns config.json's record of it (by layer); UsageError if no
+    layer matches."""
+    from model.alexnet import canonical_state, load_canonical
+    own, theirs = canonical_state(model), parent["model"]
+    loaded = {k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)}
+    layers = sorted({k.rsplit(".", 1)[0] for k in own})
+    kept = [layer for layer in layers if all(k in loaded for k in own if k.rsplit(".", 1)[0] == layer)]
+    if not kept:
+        raise UsageError(f"{path}: has no layer of this model's shape; nothing to start from")
+    load_canonical(model, {**own, **{k: theirs[k] for k in loaded if k.rsplit(".", 1)[0] in kept}})
+    return {"path": os.path.abspath(path), "digest": parent["digest"], "loaded": kept,
+            "initialised": [layer for layer in layers if layer not in kept],
+            "parent_classes": len(parent.get("wnids", [])), "parent_step": parent.get("step")}

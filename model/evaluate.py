@@ -1,12 +1,19 @@
 """Top-1 and top-5 error of a checkpoint on a shard directory's validation split.
 
     python -m model.evaluate --checkpoint RUN/checkpoint.pt --shards DIR [--ten-crop] [--json FILE]
+    python -m model.evaluate --checkpoint A.pt B.pt C.pt --shards DIR --ten-crop    # an ensemble
 
 Centre crop by default; --ten-crop averages the softmax of the paper's 10 crops
 (the 4 corners and the centre, each also mirrored; section 4.1). The input is
 normalized with the values stored in the checkpoint, never with the shard
 directory's pca.json, so a finished model's error does not change with that file
 (and val-only shards need none).
+
+Several checkpoints make an ensemble (Table 2's "5 CNNs", "7 CNNs*"): their softmax
+outputs over the same crops are averaged ("averaging the predictions", section 6),
+one model on the device at a time, the per-image sums on the host. Each model's own
+errors are printed beside the ensemble's. The models must have the shards' classes
+and the same input normalization; anything else is refused before any work.
 """
 from __future__ import annotations
 
@@ -17,18 +24,46 @@ import sys
 
 import torch
 
-from model.checkpoint import check_classes, load_model
+from model.checkpoint import check_classes, load_checkpoint, load_model
 from model.devices import parse_devices
 from model.errors import UsageError
-from model.evaluation import evaluate, percent, summarize
+from model.evaluation import Ensemble, batch_probs, percent, summarize
 from pipeline import BACKENDS, make_loader
-from pipeline.shards import ShardError
+from pipeline.normalization import Normalization
+from pipeline.shards import ShardError, load_manifest
+
+
+# What decides an evaluation batch's numbers (no lighting, so neither the eigenbasis nor the training
+# scale): models trained with other lighting may be averaged, models that see other inputs may not.
+EVAL_INPUT = ("mode", "mean", "std")
+
+
+def check_ensemble(paths: list[str], shards: str, manifest: dict) -> dict:
+    """Every checkpoint's digest, its classes against the shards' and its normalization against the
+    first's, one checkpoint in memory at a time; UsageError naming the first that differs. Returns
+    the first checkpoint (without its tensors)."""
+    first = None
+    for path in paths:
+        if not os.path.exists(path):
+            raise UsageError(f"{path}: no such checkpoint")
+        ckpt = load_checkpoint(path)
+        check_classes(path, ckpt, manifest, shards)
+        ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+        if first is None:
+            first = ckpt
+            continue
+        differ = [k for k in EVAL_INPUT if ckpt["normalization"][k] != first["normalization"][k]]
+        if differ:
+            raise UsageError(f"{path}: was trained with another input normalization than {paths[0]} "
+                             f"({', '.join(differ)} differ); an ensemble's models must see the same input")
+    return first
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt of model.train")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="RUN/checkpoint.pt of model.train; several: their softmax outputs averaged (an ensemble)")
     p.add_argument("--shards", required=True, help="shard directory with a val split (pca.json not needed)")
     p.add_argument("--ten-crop", action="store_true", help="the paper's 10 crops (softmax averaged), not the centre")
     p.add_argument("--devices", default="auto", help="cpu, cuda, cuda:N; auto: cuda if any")
@@ -47,33 +82,56 @@ def main(argv=None) -> int:
             raise UsageError(f"--batch-size must be >= 1, not {a.batch_size}")
         if a.backend not in BACKENDS or a.backend == "synthetic":  # synthetic batches measure nothing
             raise UsageError(f"--backend must be one of dali, wds, auto, not {a.backend!r}")
+        if len(set(a.checkpoint)) != len(a.checkpoint):
+            raise UsageError("--checkpoint: the same checkpoint twice would weigh it twice in the ensemble")
         device = parse_devices(a.devices)[0]
-        model, ckpt = load_model(a.checkpoint, device)
+        try:
+            manifest = load_manifest(a.shards)
+        except OSError:
+            raise UsageError(f"{a.shards}: no such shard directory (no dataset.json)") from None
+        except ShardError as e:
+            raise UsageError(str(e)) from None
+        first = check_ensemble(a.checkpoint, a.shards, manifest)
         try:
             loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
                                  crop="ten" if a.ten_crop else "center", backend=a.backend,
-                                 normalization=ckpt["normalization"], verify=a.verify)
+                                 normalization=Normalization.from_dict(first["normalization"]), verify=a.verify)
         except ShardError as e:
             raise UsageError(str(e)) from None
-        check_classes(a.checkpoint, ckpt, loader.manifest, a.shards)
         if loader.num_samples == 0:
             raise UsageError(f"{a.shards}: the val split has no images")
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     dev = torch.device(device)
+    crop = "ten" if a.ten_crop else "center"
+    num_classes = len(manifest["classes"])
+    ensemble = Ensemble(loader.num_samples, num_classes)
+    models = []
     try:
-        sums = evaluate(model, loader, dev, bf16=dev.type == "cuda", progress=True)
+        for k, path in enumerate(a.checkpoint):
+            model, ckpt = load_model(path, device)  # one model on the device at a time
+            ensemble.start_model()
+            desc = f"model {k + 1}/{len(a.checkpoint)}" if len(a.checkpoint) > 1 else "evaluate"
+            for probs, labels in batch_probs(model, loader, dev, bf16=dev.type == "cuda", progress=True, desc=desc):
+                ensemble.add(probs, labels)
+            del model
+            result = summarize(ensemble.models[-1], num_classes)
+            result.update({"checkpoint": path, "epoch": ckpt["epoch"], "step": ckpt["step"]})
+            models.append(result)
+            print(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}), {crop} crop, {result['val_samples']} val "
+                  f"images: top-1 error {percent(result['val_top1_error'])}, top-5 error "
+                  f"{percent(result['val_top5_error'])}", flush=True)
     except ShardError as e:  # a shard that fails its sha256 or decode: named, no result written
         print(f"evaluate: {e}", file=sys.stderr)
         return 1
-    result = summarize(sums, ckpt["num_classes"])
-    result.update({"crop": "ten" if a.ten_crop else "center", "checkpoint": a.checkpoint,
-                   "epoch": ckpt["epoch"], "step": ckpt["step"]})
-    chance = 1 - 1 / len(loader.manifest["classes"])
-    print(f"{a.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}), {result['crop']} crop, "
-          f"{result['val_samples']} val images: top-1 error {percent(result['val_top1_error'])}, "
-          f"top-5 error {percent(result['val_top5_error'])} (chance: {100 * chance:.1f}% top-1)")
+    result = summarize(ensemble.ensemble_sums(), num_classes) if len(models) > 1 else dict(models[0])
+    result.update({"crop": crop, "models": models})
+    chance = 1 - 1 / num_classes
+    if len(models) > 1:
+        print(f"ensemble of {len(models)} (softmax averaged), {crop} crop, {result['val_samples']} val images: "
+              f"top-1 error {percent(result['val_top1_error'])}, top-5 error {percent(result['val_top5_error'])}")
+    print(f"(chance: {100 * chance:.1f}% top-1)")
     if a.json:
         tmp = f"{a.json}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

@@ -105,7 +105,7 @@ def write_config(run) -> None:
         "model": asdict(run.model_cfg), "normalization": run.norm.as_dict(), "world_size": run.world,
         "devices": run.devices, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
         "dataset": run.dataset, "loader": type(run.train_loader).__name__, "bf16": run.bf16,
-        "channels_last": run.channels_last})
+        "channels_last": run.channels_last, "init_from": run.init_from})
 
 
 def log_window(run, epoch: int, lr: float, avg: float, rate: float, bar) -> None:

@@ -40,6 +40,9 @@ class TrainConfig:
                                  "a timing), which then cannot be resumed")
     tensorboard: bool = _f(False, "also log to RUN/tensorboard")
     resume: bool = _f(False, "continue from RUN/checkpoint.pt (a new run if there is none)")
+    init_from: str = _f("", "start from another run's checkpoint (fine-tuning, Table 2's 1 CNN*): every layer whose "
+                            "name and shape match is loaded, the rest (fc8 for another class count, a new conv6) "
+                            "initialised by the recipe; a fresh optimizer, schedule and loader")
 
 
 def resolve_recipe(cfg: TrainConfig) -> Recipe:

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical
 from model.checkpoint import (acquire_lock, checkpoint_digest, checkpoint_to_resume, dataset_id,
-                              load_optimizer_state, optimizer_state, pid_alive, release_lock, rng_state, save_atomic,
-                              set_rng_state)
+                              load_checkpoint, load_matching, load_optimizer_state, optimizer_state, pid_alive,
+                              release_lock, rng_state, save_atomic, set_rng_state)
 from model.devices import distributed, init_distributed, parse_devices, place, wrap
 from model.errors import Diverged, RunFailed, UsageError
 from model.evaluation import evaluate, percent, summarize
@@ -82,6 +82,7 @@ class Run:
     probe: torch.Tensor | None = None  # a fixed val batch for the fc7 probe (made when first needed)
     saved_step: int | None = None   # the step of the checkpoint on disk, if any
     lock: int | None = None         # OUT/.lock's file descriptor, held (flock) by rank 0 while it runs
+    init_from: dict | None = None   # --init-from: the parent checkpoint and which layers came from it
 
     @property
     def main(self) -> bool:
@@ -103,7 +104,11 @@ def setup(cfg: TrainConfig) -> Run:
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint = checkpoint_to_resume(ckpt_path, cfg.resume, cfg.recipe, asdict(recipe), cfg.seed, dataset,
                                       cfg.shards)
+    parent = load_checkpoint(cfg.init_from) if cfg.init_from and checkpoint is None else None
     run, pca_changed = build_run(cfg, recipe, rank, world, devices, dataset, ckpt_path, checkpoint)
+    if parent is not None:  # a new run from another run's weights: the matching layers, the rest as initialised
+        run.init_from = load_matching(run.model, parent, cfg.init_from)
+        del parent
     if checkpoint is not None:
         restore(run, checkpoint)
     else:

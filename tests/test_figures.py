@@ -140,3 +140,24 @@ def test_figure_tools_refuse_in_one_line(tool, case, small_run, tiny_shards, sha
               "unwritable": "does not exist"}[case]
     assert len(err) == 1 and needle in err[0], err
     assert not os.path.exists(out)
+
+
+def test_the_figure_shows_the_queried_images_with_their_classes(small_run, tiny_shards, tmp_path, monkeypatch):
+    """Each row's query image is the val image its class names: the first val images of the shard, read
+    here with the standard library's tarfile and PIL, centre-cropped (a figure once showed the second
+    batch's images beside the first batch's labels and neighbours)."""
+    import io
+    import json as json_
+    from conftest import tarfile_samples
+    drawn = {}
+    monkeypatch.setattr(neighbours, "draw", lambda rows, path, title: drawn.setdefault("rows", rows))
+    assert neighbours.main([small_run, tiny_shards, str(tmp_path / "nn.png"), "--queries", "5", "--k", "2",
+                            "--features", str(tmp_path / "f.f16")]) == 0
+    manifest = json_.load(open(os.path.join(tiny_shards, "dataset.json")))
+    names = [c["name"] for c in manifest["classes"]]
+    first_shard = os.path.join(tiny_shards, manifest["splits"]["val"]["shards"][0]["file"])
+    for (query, caption, _), (_, sample) in zip(drawn["rows"], tarfile_samples(first_shard)):
+        image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), np.float64)[16:240, 16:240]
+        assert caption == names[int(sample["cls"])]
+        assert np.abs(query.astype(np.float64) - image).mean() < 2.0  # two JPEG decoders, ~1 grey level apart
+    assert len(drawn["rows"]) == 5

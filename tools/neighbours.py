@@ -194,38 +194,35 @@ def main(argv=None) -> int:
     else:
         size = HEADER_BYTES + 2 * count * dim
         print(f"neighbours: fc7 features of {count} training images: {count} x {dim} x 2 bytes = "
-              f"{size / 1e9:.2f} GB in {features_path}" + (" (rebuilding: made for another checkpoint, shard set "
+              f"{size / 1e9:.2f} GB ({size / 2**20:.1f} MiB) in {features_path}" + (" (rebuilding: made for another checkpoint, shard set "
                                                             "or count)" if found else ""), file=sys.stderr)
         extract(model, train_loader, count, features_path, header, device)
     features = open_features(features_path, header)
-    with torch.no_grad():
-        queries, labels = [], []
+    with torch.no_grad():  # one pass over the first val batches: their images, features and labels together
+        shown, queries, labels = [], [], []
         for images, y in val_loader:
+            shown.append(images.cpu())
             queries.append(model.hidden(images.to(device)).float().cpu())
             labels.append(y)
             if sum(len(t) for t in labels) >= a.queries:
                 break
+        shown = torch.cat(shown)[:a.queries]
         queries, labels = torch.cat(queries)[:a.queries], torch.cat(labels)[:a.queries]
     dist, idx = nearest(queries, features, a.k, a.block, device)
-    rows = _figure_rows(a.shards, manifest, val_loader, queries, labels, dist, idx, norm)
+    rows = _figure_rows(a.shards, manifest, val_loader.classes, shown, labels, dist, idx, norm)
     draw(rows, a.out, f"{a.checkpoint} (step {ckpt['step']}): val images (left) and the {a.k} training images "
                       f"with the nearest fc7 features (of {count})")
     print(f"{len(rows)} queries x {idx.shape[1]} neighbours -> {a.out}")
     return 0
 
 
-def _figure_rows(shards, manifest, val_loader, queries, labels, dist, idx, norm):
+def _figure_rows(shards, manifest, names, shown, labels, dist, idx, norm):
+    """(query pixels, its class, [(neighbour pixels, caption)]) per query, for draw()."""
     from PIL import Image
-    names = val_loader.classes
-    images = []
-    for x, _ in val_loader:
-        images.append(x)
-        if sum(len(t) for t in images) >= len(queries):
-            break
-    pixels = np.clip(norm.unapply(torch.cat(images)[:len(queries)].double().numpy(), lit=False), 0, 255)
+    pixels = np.clip(norm.unapply(shown.double().numpy(), lit=False), 0, 255)
     pixels = pixels.round().astype(np.uint8).transpose(0, 2, 3, 1)
     rows = []
-    for q in range(len(queries)):
+    for q in range(len(shown)):
         neighbours = []
         for d, i in zip(dist[q].tolist(), idx[q].tolist()):
             jpeg, label = train_sample(shards, manifest, i)

@@ -1,0 +1,136 @@
+"""The rows of the paper's Table 2 as commands: ensembles (5 CNNs, 7 CNNs*), fine-tuning from another
+run's checkpoint with a sixth conv layer (1 CNN*). Oracles by hand."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from model import checkpoint, evaluate, train
+from model.evaluation import Ensemble, summarize
+
+TINY = ["--batch-size", "8", "--loader-threads", "2", "--devices", "cpu", "--width", "0.125", "--epochs", "1"]
+
+
+def test_ensemble_by_hand_right_where_every_model_is_wrong():
+    """Two models, 6 classes, 3 images (labels 1, 0, 5). Image 0: model A says 0, model B says 2, their
+    average says 1, the truth. Errors worked out by hand from the table below."""
+    a = torch.tensor([[0.50, 0.45, 0.05, 0.00, 0.00, 0.00],
+                      [0.60, 0.10, 0.10, 0.10, 0.10, 0.00],
+                      [0.30, 0.20, 0.20, 0.20, 0.10, 0.00]])
+    b = torch.tensor([[0.05, 0.45, 0.50, 0.00, 0.00, 0.00],
+                      [0.20, 0.50, 0.10, 0.10, 0.10, 0.00],
+                      [0.00, 0.20, 0.20, 0.20, 0.10, 0.30]])
+    labels = torch.tensor([1, 0, 5])
+    ens = Ensemble(3, 6)
+    for probs in (a, b):
+        ens.start_model()
+        ens.add(probs[:2], labels[:2])  # in two batches, as a loader gives them
+        ens.add(probs[2:], labels[2:])
+    per_model = [summarize(s, 6) for s in ens.models]
+    # A: top-1 right on image 1 only; top-5 right on 0 and 1 (image 2's class 5 has probability 0)
+    assert per_model[0]["val_top1_error"] == pytest.approx(2 / 3) and per_model[0]["val_top5_error"] == pytest.approx(1 / 3)
+    # B: top-1 right on image 2 only; top-5 right everywhere
+    assert per_model[1]["val_top1_error"] == pytest.approx(2 / 3) and per_model[1]["val_top5_error"] == 0
+    # the average: [.275 .45 .275 0 0 0] -> 1 (right, both models wrong); [.4 .3 .1 .1 .1 0] -> 0 (right);
+    # [.15 .2 .2 .2 .1 .15] -> not 5 (wrong), class 5 among the top five (only class 4 is lower)
+    both = summarize(ens.ensemble_sums(), 6)
+    assert both["val_top1_error"] == pytest.approx(1 / 3) and both["val_top5_error"] == 0
+    assert both["val_loss"] == pytest.approx(-(math.log(0.45) + math.log(0.40) + math.log(0.15)) / 3, rel=1e-6)
+    assert both["val_samples"] == 3
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_shards, shards, tmp_path_factory):
+    """Two runs on the 4-class tiny set (seeds 0 and 1); a 'pre-training' run with the sixth conv layer
+    on the 10-class set; its fine-tuning on the 4-class set (--init-from, as 1 CNN*)."""
+    root = tmp_path_factory.mktemp("table2")
+    paths = {}
+    for name, data, extra in [("a", tiny_shards, ["--seed", "0"]), ("b", tiny_shards, ["--seed", "1"]),
+                              ("pre", shards, ["--extra-conv", "--batch-size", "32"])]:
+        out = str(root / name)
+        assert train.main(["--shards", data, "--out", out, *TINY, *extra]) == 0
+        paths[name] = os.path.join(out, "checkpoint.pt")
+    out = str(root / "fine")
+    assert train.main(["--shards", tiny_shards, "--out", out, *TINY, "--extra-conv", "--init-from", paths["pre"],
+                       "--init", "paper", "--epochs", "1"]) == 0
+    paths["fine"] = os.path.join(out, "checkpoint.pt")
+    paths["fine_config"] = os.path.join(out, "config.json")
+    return paths
+
+
+def test_init_from_loads_every_matching_layer_and_initialises_the_rest(runs, tiny_shards, tmp_path):
+    """The 10-class parent with conv6 into a 4-class child with conv6: every layer but fc8 is the
+    parent's exactly (checked before any step, with --epochs 1 and lr 0); fc8 follows --init paper."""
+    out = str(tmp_path / "child")
+    assert train.main(["--shards", tiny_shards, "--out", out, *TINY, "--extra-conv", "--init-from", runs["pre"],
+                       "--init", "paper", "--lr", "1e-30", "--momentum", "0", "--weight-decay", "0"]) == 0
+    parent = torch.load(runs["pre"], weights_only=False)["model"]
+    child = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    for k in child:
+        if not k.startswith("fc8"):
+            assert torch.equal(child[k], parent[k]), k  # lr 1e-30: a step moves nothing in float32
+    assert child["fc8.weight"].shape == (4, 512) and parent["fc8.weight"].shape == (10, 512)
+    # biases 0 (moved by ~1e-30 by the one step), weights N(0, 0.01): the recipe's init, not the parent's
+    assert child["fc8.bias"].abs().max() < 1e-20 and abs(child["fc8.weight"].std().item() - 0.01) < 0.002
+    record = json.load(open(os.path.join(out, "config.json")))["init_from"]
+    assert record["loaded"] == ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc6", "fc7"]
+    assert record["initialised"] == ["fc8"] and record["parent_classes"] == 10
+    assert record["digest"] == torch.load(runs["pre"], weights_only=False)["digest"]
+
+
+def test_fine_tuned_model_joins_the_ensemble(runs, tiny_shards, tmp_path, capsys):
+    """7 CNNs* in small: the fine-tuned model (1K classes after fine-tuning: here the tiny set's 4) is
+    averaged with the others; each model's own line and the ensemble's; --json has every figure."""
+    report = str(tmp_path / "ens.json")
+    assert evaluate.main(["--checkpoint", runs["a"], runs["b"], runs["fine"], "--shards", tiny_shards,
+                          "--devices", "cpu", "--json", report]) == 0
+    out = capsys.readouterr().out
+    assert out.count("val images: top-1 error") == 4 and "ensemble of 3 (softmax averaged)" in out
+    result = json.load(open(report))
+    assert [m["checkpoint"] for m in result["models"]] == [runs["a"], runs["b"], runs["fine"]]
+    assert result["val_samples"] == 16 and all(m["val_samples"] == 16 for m in result["models"])
+    single = str(tmp_path / "one.json")
+    assert evaluate.main(["--checkpoint", runs["a"], "--shards", tiny_shards, "--devices", "cpu",
+                          "--json", single]) == 0
+    assert json.load(open(single))["val_top1_error"] == result["models"][0]["val_top1_error"]
+
+
+def test_ensemble_refuses_other_classes_or_inputs_before_any_work(runs, tiny_shards, tmp_path, capsys):
+    other_norm = str(tmp_path / "std.pt")
+    ckpt = torch.load(runs["b"], weights_only=False)
+    ckpt["normalization"]["mode"] = "std"
+    ckpt["digest"] = checkpoint.checkpoint_digest(ckpt)
+    torch.save(ckpt, other_norm)
+    cases = [([runs["a"], runs["pre"]], "has 10 classes, the shards have 4"),
+             ([runs["a"], other_norm], "was trained with another input normalization than"),
+             ([runs["a"], runs["a"]], "the same checkpoint twice")]
+    for paths, needle in cases:
+        report = str(tmp_path / "never.json")
+        assert evaluate.main(["--checkpoint", *paths, "--shards", tiny_shards, "--devices", "cpu",
+                              "--json", report]) == 2
+        captured = capsys.readouterr()
+        err = [line for line in captured.err.splitlines() if line.startswith("evaluate: ")]
+        assert len(err) == 1 and needle in err[0], err
+        assert "val images" not in captured.out and not os.path.exists(report)  # refused before any work
+
+
+def test_init_from_refuses_a_bad_parent(runs, tiny_shards, tmp_path, capsys):
+    corrupt = str(tmp_path / "bad.pt")
+    blob = bytearray(open(runs["a"], "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(corrupt, "wb").write(blob)
+    unrelated = str(tmp_path / "unrelated.pt")
+    ckpt = torch.load(runs["a"], weights_only=False)
+    ckpt["model"] = {f"other.{k}": v for k, v in ckpt["model"].items()}
+    ckpt["digest"] = checkpoint.checkpoint_digest(ckpt)
+    torch.save(ckpt, unrelated)
+    for parent, needle in [(corrupt, "bad.pt"), (unrelated, "has no layer of this model's shape")]:
+        out = str(tmp_path / "never")
+        assert train.main(["--shards", tiny_shards, "--out", out, *TINY, "--init-from", parent]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+        assert len(err) == 1 and needle in err[0], err
+        assert not os.path.exists(out)  # nothing written

@@ -38,15 +38,22 @@ from pipeline.shards import ShardError, load_manifest
 EVAL_INPUT = ("mode", "mean", "std")
 
 
-def check_ensemble(paths: list[str], shards: str, manifest: dict) -> dict:
+def check_ensemble(paths: list[str], shards: str) -> tuple[dict, dict]:
     """Every checkpoint's digest, its classes against the shards' and its normalization against the
     first's, one checkpoint in memory at a time; UsageError naming the first that differs. Returns
-    the first checkpoint (without its tensors)."""
-    first = None
+    the first checkpoint (without its tensors) and the shards' manifest."""
+    first = manifest = None
     for path in paths:
         if not os.path.exists(path):
             raise UsageError(f"{path}: no such checkpoint")
         ckpt = load_checkpoint(path)
+        if manifest is None:  # after the first checkpoint's own check: a damaged file is named first
+            try:
+                manifest = load_manifest(shards)
+            except OSError:
+                raise UsageError(f"{shards}: no such shard directory (no dataset.json)") from None
+            except ShardError as e:
+                raise UsageError(str(e)) from None
         check_classes(path, ckpt, manifest, shards)
         ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
         if first is None:
@@ -56,7 +63,7 @@ def check_ensemble(paths: list[str], shards: str, manifest: dict) -> dict:
         if differ:
             raise UsageError(f"{path}: was trained with another input normalization than {paths[0]} "
                              f"({', '.join(differ)} differ); an ensemble's models must see the same input")
-    return first
+    return first, manifest
 
 
 def main(argv=None) -> int:
@@ -85,13 +92,7 @@ def main(argv=None) -> int:
         if len(set(a.checkpoint)) != len(a.checkpoint):
             raise UsageError("--checkpoint: the same checkpoint twice would weigh it twice in the ensemble")
         device = parse_devices(a.devices)[0]
-        try:
-            manifest = load_manifest(a.shards)
-        except OSError:
-            raise UsageError(f"{a.shards}: no such shard directory (no dataset.json)") from None
-        except ShardError as e:
-            raise UsageError(str(e)) from None
-        first = check_ensemble(a.checkpoint, a.shards, manifest)
+        first, manifest = check_ensemble(a.checkpoint, a.shards)
         try:
             loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
                                  crop="ten" if a.ten_crop else "center", backend=a.backend,

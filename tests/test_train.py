@@ -435,7 +435,7 @@ def test_a_second_live_run_into_the_same_out_is_refused_and_a_stale_lock_taken_o
 
 def test_evaluate_refuses_a_missing_json_directory_before_evaluating(finished_run, tiny_shards, tmp_path, capsys,
                                                                      monkeypatch):
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    monkeypatch.setattr(evaluate, "batch_probs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
     report = str(tmp_path / "no" / "such" / "dir" / "eval.json")
     assert evaluate.main(["--checkpoint", os.path.join(finished_run, "checkpoint.pt"), "--shards", tiny_shards,
                           "--devices", "cpu", "--json", report]) == 2
@@ -708,7 +708,7 @@ def test_evaluate_refuses_shards_of_other_classes_with_the_same_count(finished_r
 
 @pytest.mark.parametrize("case", ["json_dir", "synthetic", "empty_val"])
 def test_evaluate_refuses_before_it_evaluates(finished_run, tiny_shards, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    monkeypatch.setattr(evaluate, "batch_probs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
     args, shards = [], tiny_shards
     if case == "json_dir":  # it used to fail after the work, leaving DIR.tmp-<pid>
         args, needle = ["--json", str(tmp_path)], f"--json {tmp_path}: is a directory"

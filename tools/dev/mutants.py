@@ -38,7 +38,7 @@ class Mutant:
 
 
 M, T, P, S = "tests/test_model.py", "tests/test_train.py", "tests/test_pipeline.py", "tests/test_make_shards.py"
-F = "tests/test_figures.py"
+F, E = "tests/test_figures.py", "tests/test_table2.py"
 MUTANTS = (
     # the model
     Mutant("LRN before ReLU", "model/alexnet.py",
@@ -151,6 +151,13 @@ MUTANTS = (
     Mutant("wds batch leaves before its shards are verified", "pipeline/wds.py",
            "            self.verified(order[k * bs:(k + 1) * bs])", "            self.verified(order[:0])",
            (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
+    # Table 2: ensembles and fine-tuning
+    Mutant("the ensemble keeps only the last model", "model/evaluation.py", "        self.total[rows] += probs",
+           "        self.total[rows] = probs", (f"{E}::test_ensemble_by_hand_right_where_every_model_is_wrong",)),
+    Mutant("--init-from loads nothing", "model/checkpoint.py",
+           "    load_canonical(model, {**own, **{k: theirs[k] for k in loaded if k.rsplit(\".\", 1)[0] in kept}})",
+           "    load_canonical(model, own)",
+           (f"{E}::test_init_from_loads_every_matching_layer_and_initialises_the_rest",)),
     # the paper's figures (section 6.1)
     Mutant("colour share without the grey axis", "tools/show_filters.py",
            "    return ((w - grey) ** 2).sum(axis=(1, 2, 3))", "    return (w ** 2).sum(axis=(1, 2, 3))",

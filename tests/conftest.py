@@ -27,9 +27,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory):
-    """{layout: (root, truth)} for all three layouts, same images in each."""
+    """{layout: (root, truth)} for ILSVRC-2012's three layouts, same images in each."""
     out = {}
-    for layout in make_sample_data.LAYOUTS:
+    for layout in make_sample_data.ILSVRC_LAYOUTS:
         root = str(tmp_path_factory.mktemp(f"src_{layout}"))
         out[layout] = (root, make_sample_data.generate(root, layout, **SMALL))
     return out

@@ -41,7 +41,7 @@ def made(sources, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", make_sample_data.LAYOUTS)
+@pytest.mark.parametrize("layout", make_sample_data.ILSVRC_LAYOUTS)
 def test_every_layout_labels_match_truth(made, sources, layout):
     _, truth = sources[layout]
     m = load_manifest(made[layout])
@@ -863,3 +863,93 @@ def test_a_decompression_bomb_warning_names_the_file(tmp_path, capfd, monkeypatc
     assert build_shards(str(root), str(tmp_path / "out")) == 0
     err = capfd.readouterr().err
     assert "make_shards: train/n00000001/n00000001_big.JPEG: warning: Image size (22500 pixels) exceeds limit" in err
+
+
+# ---------------------------------------------------------------- the Fall 2011 release (ImageNet-21K)
+
+FALL11 = ("fall11-tar", "fall11-tars", "fall11-folders")
+
+
+@pytest.fixture(scope="module")
+def fall11_sources(tmp_path_factory):
+    """The same 4 synsets (7, 7, 7, 7 images) in the release's three distributions."""
+    out = {}
+    for layout in FALL11:
+        root = str(tmp_path_factory.mktemp(layout))
+        out[layout] = (root, make_sample_data.generate(root, layout, classes=4, train_per_class=7, val_per_class=1,
+                                                       seed=3, quirks=False))
+    return out
+
+
+def _keys_by_split(out: str) -> dict:
+    manifest = load_manifest(out)
+    return {split: [key for s in info["shards"] for key, _ in tarfile_samples(os.path.join(out, s["file"]))]
+            for split, info in manifest["splits"].items()}
+
+
+@pytest.mark.parametrize("fraction, per_class", [(0.5, 4), (0.3, 2)])  # round(7 x F), halves up: 3.5 -> 4, 2.1 -> 2
+def test_fall11_every_image_once_and_the_val_fraction_exact_per_class(fall11_sources, tmp_path, fraction, per_class):
+    digests, samples = {}, {}
+    for layout in FALL11:
+        root, truth = fall11_sources[layout]
+        for workers in ("1", "2"):
+            out = str(tmp_path / f"{layout}-{workers}")
+            assert make_shards.main([root, out, "--val-fraction", str(fraction), "--workers", workers,
+                                     "--shard-samples", "3"]) == 0
+            keys = _keys_by_split(out)
+            assert sorted(keys["train"] + keys["val"]) == sorted(truth["train"])  # every image exactly once
+            assert not set(keys["train"]) & set(keys["val"])
+            val_per_class = {}
+            for key in keys["val"]:
+                val_per_class[truth["train"][key]] = val_per_class.get(truth["train"][key], 0) + 1
+            assert val_per_class == {wnid: per_class for wnid, _ in truth["classes"]}
+            manifest = load_manifest(out)
+            assert manifest["options"]["val_fraction"] == fraction and manifest["options"]["seed"] == 0
+            assert [c["name"] for c in manifest["classes"]] == [name for _, name in truth["classes"]]  # words.txt
+            digests[(layout, workers)] = [s["sha256"] for split in ("train", "val")
+                                          for s in manifest["splits"][split]["shards"]]
+            samples[layout] = [(key, sample["jpg"], sample["cls"]) for split in ("train", "val")
+                               for s in manifest["splits"][split]["shards"]
+                               for key, sample in tarfile_samples(os.path.join(out, s["file"]))]
+        assert digests[(layout, "1")] == digests[(layout, "2")]  # byte-identical whatever the workers
+    # the same samples in the same shards whatever the distribution (each sample's .json names its own source)
+    assert samples["fall11-tar"] == samples["fall11-tars"] == samples["fall11-folders"]
+    rerun = str(tmp_path / "rerun")
+    assert make_shards.main([fall11_sources["fall11-tar"][0], rerun, "--val-fraction", str(fraction),
+                             "--shard-samples", "3", "--workers", "2"]) == 0
+    assert [s["sha256"] for split in ("train", "val") for s in load_manifest(rerun)["splits"][split]["shards"]] \
+        == digests[("fall11-tar", "1")]
+
+
+def test_held_out_is_the_class_own_draw():
+    """The val images of a class depend on the seed and the class only, and their count is round(F n)."""
+    from tools.imagenet_source import held_out
+    a = held_out(10, 0.5, 0, "n01440764")
+    assert len(a) == 5 and a == held_out(10, 0.5, 0, "n01440764")
+    assert a != held_out(10, 0.5, 1, "n01440764") or a != held_out(10, 0.5, 2, "n01440764")
+    assert len(held_out(3, 0.5, 0, "n01440764")) == 2 and len(held_out(1, 0.4, 0, "n01440764")) == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--val-fraction", "1.0"], "--val-fraction must be in (0, 1)"),
+    (["--val-fraction", "-0.1"], "--val-fraction must be in (0, 1)"),
+    (["--val-fraction", "nan"], "--val-fraction must be in (0, 1)"),
+])
+def test_fall11_bad_val_fraction_is_refused(fall11_sources, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        make_shards.main([fall11_sources["fall11-tars"][0], str(tmp_path / "out"), *args])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_fall11_without_a_val_fraction_and_a_val_fraction_elsewhere_are_refused(fall11_sources, sources, tmp_path,
+                                                                                 capsys):
+    cases = [([fall11_sources["fall11-folders"][0]], "the Fall 2011 release has no validation split: give --val-fraction"),
+             ([sources["folder"][0], "--val-fraction", "0.5"], "--val-fraction is for the Fall 2011 release"),
+             ([str(tmp_path)], "unknown layout")]
+    for argv, needle in cases:
+        out = str(tmp_path / "out")
+        assert make_shards.main([argv[0], out, *argv[1:]]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+        assert len(err) == 1 and needle in err[0], err
+        assert not os.path.exists(os.path.join(out, "dataset.json"))

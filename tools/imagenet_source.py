@@ -11,11 +11,16 @@ Layouts (docs/DESIGN.md):
           SRC/LOC_synset_mapping.txt
   tars    SRC/ILSVRC2012_img_train.tar (a tar per class), SRC/ILSVRC2012_img_val.tar,
           SRC/ILSVRC2012_devkit_t12.tar.gz (data/meta.mat, validation ground truth)
+  fall11  the ImageNet Fall 2011 release (21,841 synsets, 14M images; "ImageNet-21K"), with no
+          validation split: SRC/fall11_whole.tar (a tar per synset, read in place), or one
+          SRC/<wnid>.tar per synset, or one SRC/<wnid>/ folder per synset; names from SRC/words.txt
+          where given. val_fraction holds out that share of each class, chosen by the seed.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import io
 import os
 import re
@@ -23,7 +28,10 @@ import stat
 import tarfile
 from dataclasses import dataclass, field
 
-LAYOUTS = ("folder", "kaggle", "tars")
+import numpy as np
+
+LAYOUTS = ("folder", "kaggle", "tars", "fall11")
+FALL11_TAR, WORDS = "fall11_whole.tar", "words.txt"
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
@@ -78,8 +86,11 @@ def detect_layout(root: str) -> str:
         return "kaggle"
     if os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "val")):
         return "folder"
+    if os.path.exists(os.path.join(root, FALL11_TAR)) or any(WNID.match(_stem(n)) for n in os.listdir(root)):
+        return "fall11"
     raise SourceError(f"{root}: unknown layout: expected train/ and val/ class folders, "
-                      f"{KAGGLE_ROOT}/ (Kaggle), or {TRAIN_TAR} / {VAL_TAR} (original downloads)")
+                      f"{KAGGLE_ROOT}/ (Kaggle), {TRAIN_TAR} / {VAL_TAR} (original downloads), or the Fall "
+                      f"2011 release ({FALL11_TAR}, <wnid>.tar files or <wnid>/ folders)")
 
 
 class _Listing:
@@ -95,17 +106,29 @@ class _Listing:
 _listing = _Listing("", False)  # the listing in progress (open_source sets it; the readers use it)
 
 
-def open_source(root: str, splits=("train", "val"), layout: str = "auto", any_class_names: bool = False) -> Source:
+def open_source(root: str, splits=("train", "val"), layout: str = "auto", any_class_names: bool = False,
+                val_fraction: float = 0.0, seed: int = 0) -> Source:
     """The source's classes and samples. Class folders must be named by WordNet ids (n01440764)
     unless any_class_names; hidden folders and files that are not images are passed over and
-    listed in `unused`; anything that is not a regular file (a pipe, a device) is refused."""
+    listed in `unused`; anything that is not a regular file (a pipe, a device) is refused.
+    val_fraction (the fall11 layout only, which has no val split): the share of each class held
+    out as val, chosen by `seed`."""
     global _listing
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in LAYOUTS:
         raise SourceError(f"{root}: unknown layout {layout!r}")
-    reader = {"folder": _read_folder, "kaggle": _read_kaggle, "tars": _read_tars}[layout]
+    if layout == "fall11" and not val_fraction:
+        raise SourceError(f"{root}: the Fall 2011 release has no validation split: give --val-fraction F (the share "
+                          "of each class held out; 0.5 is the paper's half for training, half for testing)")
+    if layout != "fall11" and val_fraction:
+        raise SourceError(f"{root}: --val-fraction is for the Fall 2011 release; the {layout} layout has its own "
+                          "val split")
     _listing = _Listing(root, any_class_names)
-    src = reader(root, tuple(splits))
+    if layout == "fall11":
+        src = _read_fall11(root, tuple(splits), val_fraction, seed)
+    else:
+        reader = {"folder": _read_folder, "kaggle": _read_kaggle, "tars": _read_tars}[layout]
+        src = reader(root, tuple(splits))
     src.unused = sorted({u["source"]: u for u in _listing.unused}.values(), key=lambda u: u["source"])  # listed once
     # One canonical order per split, whatever the layout, tar member order or file
     # system listing: the same images then give the same shards from any layout.
@@ -324,29 +347,7 @@ def _read_tars(root: str, splits) -> Source:
         path = os.path.join(root, TRAIN_TAR)
         if not os.path.exists(path):
             raise SourceError(f"{path}: missing")
-        samples = []
-        try:
-            with tarfile.open(path, "r:") as outer:
-                inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
-                if not inner_tars:
-                    raise SourceError(f"{path}: holds no per-class .tar files")
-                for m in sorted(inner_tars, key=lambda m: m.name):
-                    wnid = _stem(m.name)
-                    # An inner tar is a byte range of the outer one: read its headers
-                    # in place (tarfile over a window of the file), never extracting.
-                    window = _FileWindow(path, m.offset_data, m.size)
-                    members = []
-                    with tarfile.open(fileobj=window, mode="r:") as inner:
-                        for im in inner:
-                            if im.isfile() and _is_image(im.name):
-                                members.append(SourceSample(
-                                    _key(im.name), wnid, f"{TRAIN_TAR}/{m.name}/{im.name}",
-                                    path, m.offset_data + im.offset_data, im.size))
-                    if not members:
-                        raise SourceError(f"{path}/{m.name}: no images (empty class)")
-                    samples.extend(members)
-        except (tarfile.TarError, OSError) as e:
-            raise SourceError(f"{path}: unreadable tar ({e})") from None
+        samples = _tar_of_tars(path, TRAIN_TAR)
         out["train"] = samples
     if "val" in splits:
         path = os.path.join(root, VAL_TAR)
@@ -360,6 +361,93 @@ def _read_tars(root: str, splits) -> Source:
         out["val"] = [SourceSample(s.key, id_to_wnid[gt_ids[_val_number(s, path) - 1]], s.source, s.path, s.offset, s.size)
                       for s in samples]
     return Source(root, "tars", classes, out)
+
+
+def _tar_of_tars(path: str, prefix: str) -> list[SourceSample]:
+    """The images of a tar of per-class tars (ILSVRC2012_img_train.tar, fall11_whole.tar), each inner
+    tar named <wnid>.tar, as byte ranges of the outer file: headers are read in place, nothing extracted."""
+    samples = []
+    try:
+        with tarfile.open(path, "r:") as outer:
+            inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
+            if not inner_tars:
+                raise SourceError(f"{path}: holds no per-class .tar files")
+            for m in sorted(inner_tars, key=lambda m: m.name):
+                wnid = _stem(m.name)
+                # An inner tar is a byte range of the outer one: read its headers
+                # in place (tarfile over a window of the file), never extracting.
+                window = _FileWindow(path, m.offset_data, m.size)
+                members = []
+                with tarfile.open(fileobj=window, mode="r:") as inner:
+                    for im in inner:
+                        if im.isfile() and _is_image(im.name):
+                            members.append(SourceSample(_key(im.name), wnid, f"{prefix}/{m.name}/{im.name}",
+                                                        path, m.offset_data + im.offset_data, im.size))
+                if not members:
+                    raise SourceError(f"{path}/{m.name}: no images (empty class)")
+                samples.extend(members)
+    except (tarfile.TarError, OSError) as e:
+        raise SourceError(f"{path}: unreadable tar ({e})") from None
+    return samples
+
+
+def held_out(n: int, fraction: float, seed: int, wnid: str) -> set[int]:
+    """Which of a class's n images (in key order) are val: round(fraction * n) of them (halves up),
+    drawn by a generator seeded with (seed, the class), so the choice does not depend on any other
+    class, on the workers or on the listing order."""
+    count = math.floor(fraction * n + 0.5)
+    class_seed = int(wnid[1:]) if WNID.match(wnid) else int.from_bytes(hashlib.sha256(wnid.encode()).digest()[:8], "big")
+    return set(np.random.default_rng([seed, class_seed]).permutation(n)[:count].tolist())
+
+
+def _words(root: str) -> dict[str, str]:
+    """wnid -> its first name, from words.txt ('<wnid>\t<name>, <name>, ...') where the source has it."""
+    path = os.path.join(root, WORDS)
+    names = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                wnid, _, words = line.rstrip("\n").partition("\t")
+                if not WNID.match(wnid):
+                    raise SourceError(f"{path}:{n}: expected '<wnid>\\t<names>', got {line.strip()[:60]!r}")
+                names[wnid] = words.split(",")[0].strip() or wnid
+    return names
+
+
+def _read_fall11(root: str, splits, val_fraction: float, seed: int) -> Source:
+    whole = os.path.join(root, FALL11_TAR)
+    if os.path.exists(whole):
+        samples = _tar_of_tars(whole, FALL11_TAR)
+    else:
+        samples = []
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if name.startswith("."):
+                _listing.skip(path, "hidden, not a class")
+            elif name.endswith(".tar") and (WNID.match(_stem(name)) or _listing.any_class_names):
+                members = _tar_members(path, name)
+                if not members:
+                    raise SourceError(f"{path}: no images (empty class)")
+                samples += [SourceSample(m.key, _stem(name), m.source, m.path, m.offset, m.size) for m in members]
+            elif os.path.isdir(path) and (WNID.match(name) or _listing.any_class_names):
+                samples += _files_in(root, name, name)
+            elif name != WORDS:
+                _listing.skip(path, "not a synset's .tar or folder")
+    if not samples:
+        raise SourceError(f"{root}: no synsets ({FALL11_TAR}, <wnid>.tar files or <wnid>/ folders)")
+    by_class: dict[str, list[SourceSample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.wnid, []).append(sample)
+    out = {split: [] for split in splits}
+    for wnid in sorted(by_class):
+        members = sorted(by_class[wnid], key=lambda m: m.key)
+        val = held_out(len(members), val_fraction, seed, wnid)
+        for i, sample in enumerate(members):
+            split = "val" if i in val else "train"
+            if split in out:
+                out[split].append(sample)
+    names = _words(root)
+    return Source(root, "fall11", [(w, names.get(w, w)) for w in sorted(by_class)], out)
 
 
 def _val_number(s: SourceSample, path: str) -> int:

@@ -31,7 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-LAYOUTS = ("folder", "kaggle", "tars")
+ILSVRC_LAYOUTS = ("folder", "kaggle", "tars")  # ILSVRC-2012's: train and val splits
+LAYOUTS = ILSVRC_LAYOUTS + ("fall11-tar", "fall11-tars", "fall11-folders")
+# fall11-*: the ImageNet Fall 2011 release's distributions, every image of a synset in one place (no val
+# split; make_shards holds one out with --val-fraction): fall11_whole.tar (a tar per synset inside),
+# one <wnid>.tar per synset, or one <wnid>/ folder per synset; with words.txt. The val images are not used.
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "checker", "diamond", "dots")
 # One hue per class, spread around the colour wheel (RGB, 0-255).
 COLOURS = (
@@ -170,8 +174,13 @@ def generate(out: str, layout: str = "folder", classes: int = 10, train_per_clas
            for n, i in enumerate(order)]
 
     os.makedirs(out, exist_ok=True)
-    writer = {"folder": _write_folder, "kaggle": _write_kaggle, "tars": _write_tars}[layout]
-    writer(out, cls_list, train, val, rng)
+    writer = {"folder": _write_folder, "kaggle": _write_kaggle, "tars": _write_tars, "fall11-tar": _write_fall11,
+              "fall11-tars": _write_fall11, "fall11-folders": _write_fall11}[layout]
+    if layout.startswith("fall11"):
+        _write_fall11(out, cls_list, train, layout)
+        val = []
+    else:
+        writer(out, cls_list, train, val, rng)
     with open(os.path.join(out, "SYNTHETIC_README.txt"), "w") as f:
         f.write("Synthetic sample data made by tools/make_sample_data.py. NOT ImageNet: coloured shapes "
                 "on noise, in the ImageNet layout '%s', for demos and tests.\n" % layout)
@@ -180,6 +189,28 @@ def generate(out: str, layout: str = "folder", classes: int = 10, train_per_clas
         "train": {stem: cls_list[c].wnid for c in train for stem, _ in train[c]},
         "val": {stem: cls_list[c].wnid for stem, c, _ in val},
     }
+
+
+def _write_fall11(out, cls_list, train, layout):
+    with open(os.path.join(out, "words.txt"), "w") as f:  # as the release's: wnid, tab, comma-separated names
+        f.writelines(f"{c.wnid}\t{c.name}, {c.name} (synthetic)\n" for c in cls_list)
+    outer = tarfile.open(os.path.join(out, "fall11_whole.tar"), "w") if layout == "fall11-tar" else None
+    for c, items in train.items():
+        wnid = cls_list[c].wnid
+        if layout == "fall11-folders":
+            for stem, data in items:
+                _write_file(os.path.join(out, wnid, stem + ".JPEG"), data)
+            continue
+        inner = io.BytesIO()
+        with tarfile.open(fileobj=inner, mode="w") as tf:
+            for stem, data in items:
+                _tar_add(tf, stem + ".JPEG", data)
+        if outer is not None:
+            _tar_add(outer, wnid + ".tar", inner.getvalue())
+        else:
+            _write_file(os.path.join(out, wnid + ".tar"), inner.getvalue())
+    if outer is not None:
+        outer.close()
 
 
 def _write_file(path: str, data: bytes) -> None:

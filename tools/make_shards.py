@@ -72,6 +72,7 @@ class ShardOptions:
     layout: str = "auto"
     any_class_names: bool = False  # class folders named anything, not only WordNet ids
     allow_skips: bool = False    # list undecodable images in `skipped` instead of failing
+    val_fraction: float = 0.0    # the fall11 layout (no val split): the share of each class held out as val
 
 MAX_SIZE = 4096  # px: beyond it a re-encoded image is tens of MB and a 1,024-sample shard tens of GB
 
@@ -450,6 +451,9 @@ def parse_args(argv):
     p.add_argument("--rehash", action="store_true",
                    help="on a rerun, keep a shard only if its source files' contents are unchanged (hashes them: "
                         "reads the source twice); by default a file counts as unchanged by path, size and mtime")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="the Fall 2011 release only (it has no val split): hold out this share of each class as "
+                        "val, chosen by --seed (0.5: the paper's half for training, half for testing)")
     p.add_argument("--any-class-names", action="store_true",
                    help="take class folders of any name as classes (default: WordNet ids like n01440764 only)")
     a = p.parse_args(argv)
@@ -461,9 +465,12 @@ def parse_args(argv):
                 "--quality in 1..100")
     if not 0 <= a.seed < 2 ** 63:
         p.error(f"--seed must be in [0, 2^63), not {a.seed}")
+    if a.val_fraction != 0.0 and not 0 < a.val_fraction < 1:  # NaN fails this too
+        p.error(f"--val-fraction must be in (0, 1), not {a.val_fraction}")
     opts = ShardOptions(size=a.size, keep_aspect=a.keep_aspect, quality=a.quality, resample=a.resample,
                         draft=not a.no_draft, shard_samples=a.shard_samples, seed=a.seed, splits=splits,
-                        layout=a.layout, any_class_names=a.any_class_names, allow_skips=a.allow_skips)
+                        layout=a.layout, any_class_names=a.any_class_names, allow_skips=a.allow_skips,
+                        val_fraction=a.val_fraction)
     return a, opts
 
 
@@ -474,6 +481,7 @@ def canonical_command(src: str, opts: ShardOptions) -> list[str]:
            "--resample", opts.resample, "--seed", str(opts.seed)]
     cmd += ["--keep-aspect"] * opts.keep_aspect + ["--no-draft"] * (not opts.draft)
     cmd += ["--any-class-names"] * opts.any_class_names
+    cmd += ["--val-fraction", repr(opts.val_fraction)] * bool(opts.val_fraction)
     return cmd + ["--allow-skips"] * opts.allow_skips
 
 
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
               "choose another OUT or remove it", file=sys.stderr)
         return 2
     try:
-        src = open_source(a.src, opts.splits, opts.layout, opts.any_class_names)
+        src = open_source(a.src, opts.splits, opts.layout, opts.any_class_names, opts.val_fraction, opts.seed)
         print(f"source: {a.src} ({src.layout} layout), {len(src.classes)} classes, "
               + ", ".join(f"{s} {len(v)} images" for s, v in src.splits.items()), file=sys.stderr)
         return ShardRun(src, a.out, opts, a.workers, canonical_command(a.src, opts), rehash=a.rehash).run()

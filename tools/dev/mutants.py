@@ -151,7 +151,10 @@ MUTANTS = (
     Mutant("wds batch leaves before its shards are verified", "pipeline/wds.py",
            "            self.verified(order[k * bs:(k + 1) * bs])", "            self.verified(order[:0])",
            (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
-    # Table 2: ensembles and fine-tuning
+    # Table 2: ensembles and fine-tuning, the Fall 2011 release
+    Mutant("val fraction rounded down", "tools/imagenet_source.py", "    count = math.floor(fraction * n + 0.5)",
+           "    count = math.floor(fraction * n)",
+           (f"{S}::test_fall11_every_image_once_and_the_val_fraction_exact_per_class",)),
     Mutant("the ensemble keeps only the last model", "model/evaluation.py", "        self.total[rows] += probs",
            "        self.total[rows] = probs", (f"{E}::test_ensemble_by_hand_right_where_every_model_is_wrong",)),
     Mutant("--init-from loads nothing", "model/checkpoint.py",

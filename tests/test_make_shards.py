@@ -953,3 +953,63 @@ def test_fall11_without_a_val_fraction_and_a_val_fraction_elsewhere_are_refused(
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
         assert len(err) == 1 and needle in err[0], err
         assert not os.path.exists(os.path.join(out, "dataset.json"))
+
+
+# ---------------------------------------------------------------- make_shards in parts (several nodes)
+
+def _part(root, out, i, n, *extra):
+    return make_shards.main([root, out, "--shard-samples", "4", "--workers", "1", "--part", f"{i}/{n}", *extra])
+
+
+def test_any_number_of_parts_gives_one_nodes_shards_byte_for_byte(sources, tmp_path):
+    root = sources["folder"][0]
+    one = str(tmp_path / "one")
+    assert build_shards(root, one, "--shard-samples", "4") == 0
+    for n in (1, 2, 3, 4):
+        out = str(tmp_path / f"parts{n}")
+        for i in range(n, 0, -1):  # in any order, as nodes finish
+            assert _part(root, out, i, n) == 0
+            assert not os.path.exists(os.path.join(out, "dataset.json"))  # only --merge writes it
+        assert make_shards.main(["--merge", out]) == 0
+        _same_dirs(out, one)  # every shard, index and dataset.json, byte for byte
+        assert not glob.glob(os.path.join(out, "_progress*"))
+
+
+def test_merge_names_missing_and_inconsistent_parts(sources, tmp_path, capsys):
+    root = sources["folder"][0]
+    out = str(tmp_path / "out")
+    assert _part(root, out, 1, 3) == 0 and _part(root, out, 3, 3) == 0
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+    assert len(err) == 1 and "part 2 of 3 not finished" in err[0] and "--part 2/3" in err[0], err
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    # part 2 with other options: named
+    assert make_shards.main([root, out, "--shard-samples", "4", "--workers", "1", "--part", "2/3", "--quality", "80"]) == 0
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("make_shards: ")]
+    assert len(err) == 1 and "part 2 was made with other options" in err[0], err
+    # part 2 made again with part 1's options (its odd journal removed first): the merge goes through
+    os.remove(os.path.join(out, make_shards.part_journal(2, 3)))
+    assert _part(root, out, 2, 3) == 0
+    assert make_shards.main(["--merge", out]) == 0
+
+
+def test_a_killed_part_reruns_only_its_own_shards(sources, tmp_path, capsys):
+    """A part rerun keeps what its journal records (the others' shards are not its business); a part
+    whose last line is missing (killed before it finished) is reported as not finished by --merge."""
+    root = sources["folder"][0]
+    out = str(tmp_path / "out")
+    assert _part(root, out, 1, 2) == 0 and _part(root, out, 2, 2) == 0
+    journal = os.path.join(out, make_shards.part_journal(2, 2))
+    lines = open(journal).read().splitlines(keepends=True)
+    open(journal, "w").write("".join(lines[:-2]))  # killed: its last shard and its end line lost
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    assert "part 2 of 2 not finished" in capsys.readouterr().err
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".tar")}
+    assert _part(root, out, 2, 2) == 0  # only the lost shard is made again:
+    after = {f: os.path.getmtime(os.path.join(out, f)) for f in before}
+    assert sum(before[f] != after[f] for f in before) == 1
+    assert make_shards.main(["--merge", out]) == 0

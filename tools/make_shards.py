@@ -1,6 +1,8 @@
 """Repack ILSVRC-2012 into webdataset shards of 256x256 JPEGs, with a DALI index per shard.
 
     python tools/make_shards.py SRC OUT [--workers N] [--shard-samples 1024] [--quality 90] ...
+    python tools/make_shards.py SRC OUT --part I/N ...    # on N nodes (I = 1..N), into one shared OUT
+    python tools/make_shards.py --merge OUT               # then, once: dataset.json
 
 SRC is any of the layouts of docs/DESIGN.md (class folders, Kaggle CLS-LOC,
 or the original ILSVRC2012_img_{train,val}.tar + devkit, read in place). Each image
@@ -172,13 +174,14 @@ class WorkerDied(Exception):
 
 class ShardRun:
     def __init__(self, src: Source, out: str, opts: ShardOptions, workers: int, command: list[str],
-                 rehash: bool = False):
+                 rehash: bool = False, part: tuple[int, int] | None = None):
         self.src, self.out, self.opts, self.workers, self.command = src, out, opts, workers, command
         self.rehash = rehash  # compare the source files' contents with the journal's, not their size and mtime
+        self.part = part      # (i, N): make only the shards at plan positions k with k % N == i - 1
         self.records: dict[str, list[dict]] = {}
         self.skipped: list[dict] = []
         self.failed: list[tuple[str, str]] = []
-        self.journal_path = os.path.join(out, JOURNAL)
+        self.journal_path = os.path.join(out, part_journal(*part) if part else JOURNAL)
 
     # The journal lets a rerun keep the shards that are already complete: each record holds the shard's
     # sha256 and the identity of the source files it was made from (its plan digest), so a shard is kept
@@ -211,6 +214,8 @@ class ShardRun:
                               "rerun that command, or remove the directory")
         done, changed = {}, 0
         for n, rec in enumerate(records[1:], 2):
+            if isinstance(rec, dict) and "done" in rec:  # a finished part's last line: written again at its end
+                continue
             try:
                 name = rec["shard"]["file"]
                 int(rec["shard"]["bytes"]), str(rec["shard"]["sha256"])
@@ -278,9 +283,12 @@ class ShardRun:
 
     def run(self) -> int:
         os.makedirs(self.out, exist_ok=True)
-        for tmp in glob.glob(os.path.join(self.out, "*.tmp-*")):  # partial files of a killed run
-            os.remove(tmp)
-        plan = self._plan()
+        full_plan = self._plan()
+        plan = [entry for k, entry in enumerate(full_plan) if self.part is None or k % self.part[1] == self.part[0] - 1]
+        mine = {name for _, name, _ in plan}
+        for tmp in glob.glob(os.path.join(self.out, "*.tmp-*")):  # partial files of a killed run (this part's:
+            if self.part is None or os.path.basename(tmp).split(".tmp-")[0].rsplit(".", 1)[0] + ".tar" in mine:
+                os.remove(tmp)  # other parts may be writing theirs into the same OUT right now)
         try:
             digests = self._plan_digests(plan)
         except OSError as e:  # a source file gone between listing and now
@@ -332,6 +340,9 @@ class ShardRun:
             print(f"make_shards: {len(self.failed)} undecodable image(s); no dataset.json written. "
                   "Rerun with --allow-skips to list them in the manifest's `skipped` and go on.", file=sys.stderr)
             return 1
+        if self.part is not None:
+            self._finish_part(full_plan, elapsed, made)
+            return 0
         empty = [split for split in self.opts.splits if not sum(r["samples"] for r in self.records[split])]
         if empty:
             print(f"make_shards: split {empty[0]} has no images ({len(self.skipped)} skipped); no dataset.json "
@@ -340,6 +351,19 @@ class ShardRun:
         self._write_manifest()
         self._summary(elapsed, made)
         return 0
+
+    def _finish_part(self, full_plan, elapsed: float, made: int) -> None:
+        """A part's last journal line: what --merge needs to write dataset.json without the source."""
+        done = {"done": {"part": list(self.part), "plan": {split: [name for sp, name, _ in full_plan if sp == split]
+                                                           for split in self.opts.splits},
+                         "classes": self.src.classes, "unused": self.src.unused, "layout": self.src.layout,
+                         "root": self.src.root, "command": self.command}}
+        with open(self.journal_path, "a") as f:  # every shard is flushed already (run() waited for it)
+            f.write(json.dumps(done, sort_keys=True) + "\n")
+        n = sum(r["samples"] for recs in self.records.values() for r in recs)
+        i, parts = self.part
+        print(f"part {i}/{parts}: {n} images in {sum(len(r) for r in self.records.values())} shards "
+              f"({made} made in {elapsed:.1f} s); when every part is done: tools/make_shards.py --merge {self.out}")
 
     def _collect(self, pending, records, digests, syncer, flushed, bar, progress) -> int:
         """Waits for the shards, journals each as it is done, and schedules its flush; returns the
@@ -394,7 +418,8 @@ class ShardRun:
         self._remove_stale(manifest)
         fsync_file(self.out)  # the shards' renames (directory entries) too
         atomic_write(os.path.join(self.out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
-        os.remove(self.journal_path)
+        if os.path.exists(self.journal_path):  # a merge of parts has none (it removes theirs)
+            os.remove(self.journal_path)
 
     def _remove_stale(self, manifest: dict) -> None:
         """Shards (and their .idx) of an earlier run that this manifest does not list: a source that
@@ -423,6 +448,74 @@ class ShardRun:
         kept = f", {total - made} kept from the unfinished run" if made < total else ""
         print(f"done in {elapsed:.1f} s: {made} images made ({made / max(elapsed, 1e-9):.0f} img/s){kept} "
               f"-> {os.path.join(self.out, MANIFEST)}")
+
+
+def part_journal(i: int, parts: int) -> str:
+    return f"_progress.part-{i}-of-{parts}.jsonl"
+
+
+def merge(out: str) -> int:
+    """dataset.json from the journals of every part (--part i/N) in OUT, once each part is complete and
+    all were made with the same options from the same source listing; exit 2 naming what is missing."""
+    journals = sorted(glob.glob(os.path.join(out, "_progress.part-*-of-*.jsonl")))
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        raise SourceError(f"{os.path.join(out, MANIFEST)}: {out} is already complete")
+    if not journals:
+        raise SourceError(f"{out}: no part journals (_progress.part-I-of-N.jsonl): run the parts first")
+    counts = {int(re.search(r"-of-(\d+)\.jsonl$", j).group(1)) for j in journals}
+    if len(counts) != 1:
+        raise SourceError(f"{out}: holds parts of runs split {' and '.join(map(str, sorted(counts)))} ways; "
+                          "remove the directory and run the parts again")
+    parts = counts.pop()
+    loaded, missing = {}, []
+    for i in range(1, parts + 1):
+        path = os.path.join(out, part_journal(i, parts))
+        lines = open(path).read().splitlines() if os.path.exists(path) else []
+        try:
+            records = [json.loads(line) for line in lines if line.strip()]
+        except ValueError:  # a half-written line: the part was killed
+            records = []
+        if not records or not isinstance(records[-1], dict) or "done" not in records[-1]:
+            missing.append(i)
+            continue
+        loaded[i] = (records[0], records[1:-1], records[-1]["done"])
+    if missing:
+        raise SourceError(f"{out}: part{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {parts} "
+                          "not finished (no complete journal); run "
+                          + " and ".join(f"--part {i}/{parts}" for i in missing) + " with the same options")
+    header, _, first = loaded[1]
+    for i, (h, _, d) in loaded.items():
+        if h != header or d["plan"] != first["plan"] or d["classes"] != first["classes"]:
+            raise SourceError(f"{os.path.join(out, part_journal(i, parts))}: part {i} was made with other options "
+                              f"or from another source listing than part 1; rerun it with part 1's options")
+    by_name = {}
+    for i, (_, recs, _) in loaded.items():
+        for r in recs:
+            path = os.path.join(out, r["shard"]["file"])
+            if not os.path.exists(path) or os.path.getsize(path) != r["shard"]["bytes"]:
+                raise SourceError(f"{path}: missing or of another size than part {i}'s journal says; run --part "
+                                  f"{i}/{parts} again")
+            by_name[r["shard"]["file"]] = r
+    opts = ShardOptions(**{**header["options"], "splits": tuple(header["options"]["splits"])})
+    src = Source(first["root"], first["layout"], [tuple(c) for c in first["classes"]], unused=first["unused"])
+    run = ShardRun(src, out, opts, 1, first["command"])
+    absent = [name for names in first["plan"].values() for name in names if name not in by_name]
+    if absent:
+        raise SourceError(f"{out}: the parts' journals lack {len(absent)} planned shard(s) ({absent[0]}, ...); a "
+                          "part had undecodable images: rerun it with --allow-skips, or fix the source")
+    for split, names in first["plan"].items():
+        run.records[split] = [by_name[n]["shard"] for n in names]
+        run.skipped += [x for n in names for x in by_name[n]["skipped"]]
+    empty = [split for split in opts.splits if not sum(r["samples"] for r in run.records[split])]
+    if empty:
+        raise SourceError(f"{out}: split {empty[0]} has no images; no dataset.json written")
+    run._write_manifest()
+    for j in journals:
+        os.remove(j)
+    for split, recs in run.records.items():
+        print(f"{split:5s}: {sum(r['samples'] for r in recs)} images in {len(recs)} shards")
+    print(f"merged {parts} parts -> {os.path.join(out, MANIFEST)}")
+    return 0
 
 
 def _pil_version() -> str:
@@ -454,6 +547,9 @@ def parse_args(argv):
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="the Fall 2011 release only (it has no val split): hold out this share of each class as "
                         "val, chosen by --seed (0.5: the paper's half for training, half for testing)")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="make only part I of N of the shards (every node computes the same plan; run I = 1..N "
+                        "anywhere, into the same OUT), then --merge OUT writes dataset.json")
     p.add_argument("--any-class-names", action="store_true",
                    help="take class folders of any name as classes (default: WordNet ids like n01440764 only)")
     a = p.parse_args(argv)
@@ -465,6 +561,11 @@ def parse_args(argv):
                 "--quality in 1..100")
     if not 0 <= a.seed < 2 ** 63:
         p.error(f"--seed must be in [0, 2^63), not {a.seed}")
+    if a.part is not None:
+        m = re.fullmatch(r"(\d+)/(\d+)", a.part)
+        if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+            p.error(f"--part takes I/N with 1 <= I <= N, not {a.part!r}")
+        a.part = (int(m.group(1)), int(m.group(2)))
     if a.val_fraction != 0.0 and not 0 < a.val_fraction < 1:  # NaN fails this too
         p.error(f"--val-fraction must be in (0, 1), not {a.val_fraction}")
     opts = ShardOptions(size=a.size, keep_aspect=a.keep_aspect, quality=a.quality, resample=a.resample,
@@ -486,6 +587,16 @@ def canonical_command(src: str, opts: ShardOptions) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--merge"]:
+        if len(argv) != 2:
+            print("make_shards: --merge takes the output directory alone: make_shards.py --merge OUT", file=sys.stderr)
+            return 2
+        try:
+            return merge(argv[1])
+        except SourceError as e:
+            print(f"make_shards: {e}", file=sys.stderr)
+            return 2
     a, opts = parse_args(argv)
     if os.path.exists(os.path.join(a.out, MANIFEST)):
         print(f"make_shards: {os.path.join(a.out, MANIFEST)}: {a.out} is already complete; "
@@ -495,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         src = open_source(a.src, opts.splits, opts.layout, opts.any_class_names, opts.val_fraction, opts.seed)
         print(f"source: {a.src} ({src.layout} layout), {len(src.classes)} classes, "
               + ", ".join(f"{s} {len(v)} images" for s, v in src.splits.items()), file=sys.stderr)
-        return ShardRun(src, a.out, opts, a.workers, canonical_command(a.src, opts), rehash=a.rehash).run()
+        return ShardRun(src, a.out, opts, a.workers, canonical_command(a.src, opts), rehash=a.rehash,
+                        part=a.part).run()
     except SourceError as e:
         print(f"make_shards: {e}", file=sys.stderr)
         return 2

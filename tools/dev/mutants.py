@@ -151,6 +151,8 @@ MUTANTS = (
     Mutant("wds batch leaves before its shards are verified", "pipeline/wds.py",
            "            self.verified(order[k * bs:(k + 1) * bs])", "            self.verified(order[:0])",
            (f"{P}::test_a_tampered_shard_never_reaches_the_model",)),
+    Mutant("parts off by one", "tools/make_shards.py", "k % self.part[1] == self.part[0] - 1",
+           "k % self.part[1] == self.part[0]", (f"{S}::test_any_number_of_parts_gives_one_nodes_shards_byte_for_byte",)),
     # Table 2: ensembles and fine-tuning, the Fall 2011 release
     Mutant("val fraction rounded down", "tools/imagenet_source.py", "    count = math.floor(fraction * n + 0.5)",
            "    count = math.floor(fraction * n)",

@@ -149,6 +149,35 @@ def test_ddp_two_gloo_processes(tiny_shards, tmp_path):
     assert epoch["step"] == 4 and epoch["train_samples"] == 32 and epoch["val_samples"] == 16
 
 
+@pytest.mark.slow
+def test_two_nodes_end_with_the_weights_of_two_ranks_on_one(tiny_shards, tmp_path):
+    """torchrun --nnodes 2 --nproc-per-node 1 with a c10d rendezvous on localhost: two "nodes" as two
+    torchrun processes, gloo on the CPU. The run finishes, and its weights are bitwise those of the same
+    run as 2 ranks on one node (same seed, so the same data slices, dropout masks and sums)."""
+    import socket
+    runs = {}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, launcher in [("one", ["--standalone", "--nproc_per_node", "2"]),
+                           ("two", ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                                    "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two-nodes-test"])]:
+        out = str(tmp_path / name)
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "model.train",
+               *run_args(tiny_shards, out, "--epochs", "1")]
+        cmd[cmd.index("--loader-threads") + 1] = "1"
+        nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2 if name == "two" else 1)]
+        for node in nodes:
+            _, err = node.communicate(timeout=600)
+            assert node.returncode == 0, err[-3000:]
+        assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
+        runs[name] = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert runs["one"]["step"] == runs["two"]["step"] == 4
+    for k, v in runs["one"]["model"].items():
+        assert torch.equal(v, runs["two"]["model"][k]), k
+
+
 PCA_CASES = {  # pca.json edits, and the line that must name them
     "pca_huge": (lambda p: {**p, "eigenvalues": [1e30, 1.0, 0.5]}, "eigenvalues [1e+30, 1.0, 0.5] is out of range"),
     "pca_short": (lambda p: {**p, "mean": p["mean"][:2]}, "mean must be 3 numbers"),

@@ -14,10 +14,12 @@ of an epoch: the next epoch's order is known, so it runs on into it and the pipe
 keeps its prefetched batches across the boundary (no cold start each epoch). The
 loader takes exactly its epoch's batches from it. Asked for any other position (a
 resume, a loop left midway and restarted elsewhere), it builds the pipeline anew there.
-The random crop, flip, lighting and normalisation are one fused
-crop_mirror_normalize: lighting adds the same RGB offset to every pixel of an
-image, so it folds into that image's mean: (x + light - shift) / divisor
-= (x - (shift - light)) / divisor (pipeline/normalization.py).
+Training and centre crops decode only the 224 crop (fn.decoders.image_crop: a region
+of interest, 77 % of the pixels); the ten crops decode the whole image, which they
+cover. Flip, lighting and normalisation are one fused crop_mirror_normalize:
+lighting adds the same RGB offset to every pixel of an image, so it folds into that
+image's mean: (x + light - shift) / divisor = (x - (shift - light)) / divisor
+(pipeline/normalization.py).
 """
 from __future__ import annotations
 
@@ -46,6 +48,25 @@ def dali_reason(error: Exception) -> str:
     return lines[0] if lines else repr(error)
 
 
+def decode(jpg, gpu: bool, hw_decoder_load: float, roi=None):
+    """Decoded RGB images; with roi=(x, y), only the plan's 224 crop at crop_pos (x, y), as
+    fn.crop_mirror_normalize would place it (the same anchor rounding: DALI's crop window): libjpeg-turbo
+    on the CPU and nvJPEG on the GPU skip what lies outside it. On the CPU the pixels equal a full decode's,
+    cropped (tested)."""
+    if gpu:
+        # Memory hints for 256 px images, so nvJPEG never reallocates in the first epochs;
+        # fancy upsampling decodes chroma as libjpeg-turbo does on the CPU (same pixels as the tests).
+        kw = dict(device="mixed", hw_decoder_load=hw_decoder_load, preallocate_width_hint=256,
+                  preallocate_height_hint=256, device_memory_padding=16 << 20, host_memory_padding=8 << 20,
+                  jpeg_fancy_upsampling=True)
+    else:
+        kw = dict(device="cpu")
+    if roi is None:
+        return fn.decoders.image(jpg, output_type=types.RGB, **kw)
+    return fn.decoders.image_crop(jpg, output_type=types.RGB, crop=(plan.CROP, plan.CROP), crop_pos_x=roi[0],
+                                  crop_pos_y=roi[1], **kw)
+
+
 @pipeline_def
 def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str, hw_decoder_load: float = 0.65):
     """feed() -> one batch: (encoded JPEGs, labels) and, for crop="random", (crop_x, crop_y, mirror,
@@ -53,25 +74,17 @@ def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str, hw_d
     random = crop == "random"
     outputs = fn.external_source(source=feed, num_outputs=6 if random else 2, batch=True)
     jpg, labels = outputs[0], outputs[1]
-    if gpu:
-        # Memory hints for 256 px images, so nvJPEG never reallocates in the first epochs;
-        # fancy upsampling decodes chroma as libjpeg-turbo does on the CPU (same pixels as the tests).
-        images = fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
-                                   preallocate_width_hint=256, preallocate_height_hint=256,
-                                   device_memory_padding=16 << 20, host_memory_padding=8 << 20,
-                                   jpeg_fancy_upsampling=True)
-    else:
-        images = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
-    cmn = dict(crop=(plan.CROP, plan.CROP), dtype=types.FLOAT, output_layout=layout)
-    if random:
+    cmn = dict(dtype=types.FLOAT, output_layout=layout)
+    if random:  # only the crop is decoded (a region of interest): 224^2 of 256^2 pixels, 77 %
         crop_x, crop_y, mirror, mean = outputs[2:]
-        out = fn.crop_mirror_normalize(images, crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
+        out = fn.crop_mirror_normalize(decode(jpg, gpu, hw_decoder_load, (crop_x, crop_y)), mirror=mirror,
                                        mean=mean, std=divisor, **cmn)
     elif crop == "center":
-        out = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, mean=shift, std=divisor, **cmn)
-    else:  # the paper's ten crops: corners and centre, then mirrored
-        out = fn.stack(*[fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m,
-                                                  mean=shift, std=divisor, **cmn)
+        out = fn.crop_mirror_normalize(decode(jpg, gpu, hw_decoder_load, (0.5, 0.5)), mean=shift, std=divisor, **cmn)
+    else:  # the paper's ten crops: corners and centre, then mirrored; together they cover the image
+        images = decode(jpg, gpu, hw_decoder_load)
+        out = fn.stack(*[fn.crop_mirror_normalize(images, crop=(plan.CROP, plan.CROP), crop_pos_x=x, crop_pos_y=y,
+                                                  mirror=m, mean=shift, std=divisor, **cmn)
                          for m in (0, 1) for x, y in plan.TEN_CROP_POSITIONS])
     if gpu:
         labels = labels.gpu()

@@ -558,3 +558,27 @@ def test_every_backend_satisfies_the_loader_protocol(shards, backend):
     assert isinstance(loader, Loader)
     assert len(loader) == -(-loader.num_samples // 8) and loader.manifest["format_version"] == 1
     assert (loader.epoch, loader.batch) == (0, 0) and len(loader.classes) == 10
+
+
+def test_training_and_centre_crops_decode_only_the_crop(shards, monkeypatch):
+    """The DALI graph asks the decoder for the 224 region (fn.decoders.image_crop) for random and centre
+    crops, and for the whole image only for the ten crops (which cover it); the crop oracles above
+    check the pixels."""
+    from nvidia.dali import fn
+    calls = []
+    for name in ("image", "image_crop"):
+        original = getattr(fn.decoders, name)
+
+        def record(*args, _name=name, _original=original, **kw):
+            calls.append((_name, kw.get("crop")))
+            return _original(*args, **kw)
+        monkeypatch.setattr(fn.decoders, name, record)
+    seen = {}
+    for crop in ("random", "center", "ten"):
+        calls.clear()
+        split = "train" if crop == "random" else "val"
+        next(iter(make_loader(shards, split, batch_size=4, crop=crop, backend="dali", num_threads=2)))
+        seen[crop] = list(calls)
+    assert seen["random"] == [("image_crop", (224, 224))]
+    assert seen["center"] == [("image_crop", (224, 224))]
+    assert seen["ten"] == [("image", None)]

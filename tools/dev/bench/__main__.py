@@ -1,7 +1,7 @@
 """Benchmarks, one module each in tools/dev/bench/: each prints its rates beside a baseline measured in
 the same run, and the ratio.
 
-    python -m tools.dev.bench shards   [--images 400] [--stock-python PATH]
+    python -m tools.dev.bench shards   [--images 400] [--stock-python PATH] [--parts 2]
     python -m tools.dev.bench pca      [--images 2000]
     python -m tools.dev.bench pipeline [--images 2048] [--batch 128]
     python -m tools.dev.bench train    [--steps 6] [--batch 32]
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=list(BENCHES) + ["all"])
     p.add_argument("--images", type=int, default=None, help="images to generate (default depends on the bench)")
     p.add_argument("--stock-python", help="shards: a python with stock Pillow (and numpy, tqdm, scipy) to compare")
+    p.add_argument("--parts", type=int, default=None, help="shards: N parts side by side against one N-worker run")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", help="also write the results to this JSON file")

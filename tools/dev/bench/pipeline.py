@@ -121,6 +121,7 @@ def bench_pipeline(a) -> dict:
         first = {k: min(_epoch_timing(loaders[k])[1] for _ in range(2)) for k in ("ours", "plain")}
         loaders.clear()  # their threads and memory go before the next measurement
         verify = bench_verify(out, images, batch, cores)
+        feed = bench_feed(out, batch)  # while the shards exist (the temporary directory goes below)
     _line("ours: DALI on the CPU (exact order, lighting)", best["ours"],
           extra=f"  first batch {1000 * first['ours']:.0f} ms")
     _line("(a) plain DALI pipeline, reader shuffle", best["plain"],
@@ -133,7 +134,6 @@ def bench_pipeline(a) -> dict:
         print(f"  ours / {label + ':':34s} {res[f'ratio:ours/{other}']:.2f}x  (goal >= {goal}; "
               f"range {res[f'range:ours/{other}']})")
     _print_verify(verify)
-    feed = bench_feed(out, batch)
     print(f"  the DALI feed, per batch of {batch} (the loader's _feed and DALI taking its outputs, no decoding):\n"
           f"    per-sample arguments as arrays {1000 * feed['arrays_s']:.2f} ms, as lists of NumPy scalars (before) "
           f"{1000 * feed['lists_s']:.2f} ms: {feed['lists_s'] / feed['arrays_s']:.1f}x")

@@ -58,9 +58,49 @@ def _bare_processes(src: str, parts: int) -> None:
         p.join()
 
 
+def bench_parts(a, parts: int) -> dict:
+    """--parts N: N single-worker parts run side by side (processes, as N nodes would, into one OUT) and
+    then --merge, against one N-worker run: the cost of splitting a run (goal >= 0.95x)."""
+    import shutil
+    import sys
+    from tools import make_shards
+    images = a.images or 1600
+    print(f"make_shards in {parts} parts of 1 worker, side by side, against one run of {parts} workers: "
+          f"{images} generated images (best of {ROUNDS} rounds)")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = _source(tmp, images)
+        made = []
+        script = os.path.join(REPO, "tools", "make_shards.py")
+        common = ["--splits", "train", "--shard-samples", str(max(1, images // 16))]
+
+        def in_parts():
+            made.append(os.path.join(tmp, f"out-{len(made)}"))
+            procs = [subprocess.Popen([sys.executable, script, src, made[-1], *common, "--workers", "1",
+                                       "--part", f"{i}/{parts}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for i in range(1, parts + 1)]
+            assert all(p.wait() == 0 for p in procs)
+            assert _quiet(make_shards.main, ["--merge", made[-1]]) == 0
+            shutil.rmtree(made[-1])
+
+        def one_run():
+            made.append(os.path.join(tmp, f"out-{len(made)}"))
+            assert subprocess.run([sys.executable, script, src, made[-1], *common, "--workers", str(parts)],
+                                  capture_output=True).returncode == 0
+            shutil.rmtree(made[-1])
+
+        one_run()  # the page cache
+        res = _interleaved(images, {"parts": in_parts, "one": one_run}, rounds=ROUNDS)
+    _line(f"{parts} parts of 1 worker + --merge", res["parts"])
+    _line(f"one run, {parts} workers", res["one"])
+    print(f"  ratio parts / one run: {res['ratio:parts/one']:.2f}x  (goal >= 0.95; range {res['range:parts/one']})")
+    return res
+
+
 def bench_shards(a) -> dict:
     import shutil
     from tools import make_shards
+    if getattr(a, "parts", None):
+        return bench_parts(a, a.parts)
     from tools.imagenet_source import open_source
     images = a.images or 1600  # enough that fixed costs (pool start, the manifest) weigh as little as they can here
     print(f"make_shards: {images} generated source images of about 500x375 px, on {os.cpu_count()} cores "

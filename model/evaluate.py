@@ -66,6 +66,27 @@ def check_ensemble(paths: list[str], shards: str) -> tuple[dict, dict]:
     return first, manifest
 
 
+def evaluate_models(paths: list[str], loader, device: str, num_classes: int, crop: str) -> tuple[Ensemble, list]:
+    """Each checkpoint over the loader's split, one model on the device at a time: the Ensemble of their
+    softmax outputs and each model's own figures (printed as it ends)."""
+    dev = torch.device(device)
+    ensemble, models = Ensemble(loader.num_samples, num_classes), []
+    for k, path in enumerate(paths):
+        model, ckpt = load_model(path, device)
+        ensemble.start_model()
+        desc = f"model {k + 1}/{len(paths)}" if len(paths) > 1 else "evaluate"
+        for probs, labels in batch_probs(model, loader, dev, bf16=dev.type == "cuda", progress=True, desc=desc):
+            ensemble.add(probs, labels)
+        del model
+        result = summarize(ensemble.models[-1], num_classes)
+        result.update({"checkpoint": path, "epoch": ckpt["epoch"], "step": ckpt["step"]})
+        models.append(result)
+        print(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}), {crop} crop, {result['val_samples']} val "
+              f"images: top-1 error {percent(result['val_top1_error'])}, top-5 error "
+              f"{percent(result['val_top5_error'])}", flush=True)
+    return ensemble, models
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -104,25 +125,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
-    dev = torch.device(device)
     crop = "ten" if a.ten_crop else "center"
     num_classes = len(manifest["classes"])
-    ensemble = Ensemble(loader.num_samples, num_classes)
-    models = []
     try:
-        for k, path in enumerate(a.checkpoint):
-            model, ckpt = load_model(path, device)  # one model on the device at a time
-            ensemble.start_model()
-            desc = f"model {k + 1}/{len(a.checkpoint)}" if len(a.checkpoint) > 1 else "evaluate"
-            for probs, labels in batch_probs(model, loader, dev, bf16=dev.type == "cuda", progress=True, desc=desc):
-                ensemble.add(probs, labels)
-            del model
-            result = summarize(ensemble.models[-1], num_classes)
-            result.update({"checkpoint": path, "epoch": ckpt["epoch"], "step": ckpt["step"]})
-            models.append(result)
-            print(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}), {crop} crop, {result['val_samples']} val "
-                  f"images: top-1 error {percent(result['val_top1_error'])}, top-5 error "
-                  f"{percent(result['val_top5_error'])}", flush=True)
+        ensemble, models = evaluate_models(a.checkpoint, loader, device, num_classes, crop)
     except ShardError as e:  # a shard that fails its sha256 or decode: named, no result written
         print(f"evaluate: {e}", file=sys.stderr)
         return 1

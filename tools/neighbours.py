@@ -101,6 +101,25 @@ def extract(model, loader, count: int, path: str, header: dict, device) -> None:
             os.remove(tmp)
 
 
+def train_features(model, ckpt: dict, checkpoint: str, shards: str, loader, count: int, path: str, device) -> dict:
+    """The feature file at `path` for this checkpoint, shard set and count: reused if it is there, made
+    (with its size said first) otherwise. Returns its header."""
+    from model.checkpoint import dataset_id
+    dim = model.fc7.out_features if hasattr(model, "fc7") else 2 * model.halves[0].fc7.out_features
+    header = {"checkpoint_digest": ckpt["digest"], "dataset": dataset_id(shards), "count": count, "dim": dim,
+              "layer": "fc7 after ReLU, eval mode, centre crop", "checkpoint": os.path.abspath(checkpoint)}
+    found = read_header(path)
+    if found is not None and all(found.get(k) == header[k] for k in ("checkpoint_digest", "dataset", "count", "dim")):
+        print(f"neighbours: reusing {path} ({count} x {dim} float16, this checkpoint and shard set)", file=sys.stderr)
+        return header
+    size = HEADER_BYTES + 2 * count * dim
+    print(f"neighbours: fc7 features of {count} training images: {count} x {dim} x 2 bytes = {size / 1e9:.2f} GB "
+          f"({size / 2**20:.1f} MiB) in {path}"
+          + (" (rebuilding: made for another checkpoint, shard set or count)" if found else ""), file=sys.stderr)
+    extract(model, loader, count, path, header, device)
+    return header
+
+
 def train_sample(shards: str, manifest: dict, index: int) -> tuple[bytes, int]:
     """(stored JPEG, label) of training sample `index` in source order (shard order, then tar order)."""
     from pipeline.shards import read_index, split_shards
@@ -151,7 +170,6 @@ def main(argv=None) -> int:
     p.add_argument("--devices", default="auto", help="cpu, cuda, cuda:N; auto: cuda if any")
     p.add_argument("--backend", default="auto", help="data pipeline: dali, wds or auto")
     a = p.parse_args(argv)
-    from model.checkpoint import dataset_id
     from model.devices import parse_devices
     from pipeline import make_loader
     from pipeline.shards import ShardError
@@ -182,21 +200,7 @@ def main(argv=None) -> int:
         print(f"neighbours: {e}", file=sys.stderr)
         return 2
     count = min(a.max_train or train_loader.num_samples, train_loader.num_samples)
-    dim = model.fc7.out_features if hasattr(model, "fc7") else 2 * model.halves[0].fc7.out_features
-    header = {"checkpoint_digest": ckpt["digest"], "dataset": dataset_id(a.shards), "count": count, "dim": dim,
-              "layer": "fc7 after ReLU, eval mode, centre crop", "checkpoint": os.path.abspath(a.checkpoint)}
-    found = read_header(features_path)
-    same = found is not None and all(found.get(key) == header[key] for key in ("checkpoint_digest", "dataset",
-                                                                                  "count", "dim"))
-    if same:
-        print(f"neighbours: reusing {features_path} ({count} x {dim} float16, this checkpoint and shard set)",
-              file=sys.stderr)
-    else:
-        size = HEADER_BYTES + 2 * count * dim
-        print(f"neighbours: fc7 features of {count} training images: {count} x {dim} x 2 bytes = "
-              f"{size / 1e9:.2f} GB ({size / 2**20:.1f} MiB) in {features_path}" + (" (rebuilding: made for another checkpoint, shard set "
-                                                            "or count)" if found else ""), file=sys.stderr)
-        extract(model, train_loader, count, features_path, header, device)
+    header = train_features(model, ckpt, a.checkpoint, a.shards, train_loader, count, features_path, device)
     features = open_features(features_path, header)
     with torch.no_grad():  # one pass over the first val batches: their images, features and labels together
         shown, queries, labels = [], [], []

@@ -27,8 +27,8 @@ import torch
 from model.checkpoint import check_classes, load_checkpoint, load_model
 from model.devices import parse_devices
 from model.errors import UsageError
-from model.evaluation import Ensemble, batch_probs, percent, summarize
-from pipeline import BACKENDS, make_loader
+from model.evaluation import Ensemble, batch_probs, open_val, percent, summarize
+from pipeline import BACKENDS
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError, load_manifest
 
@@ -114,14 +114,9 @@ def main(argv=None) -> int:
             raise UsageError("--checkpoint: the same checkpoint twice would weigh it twice in the ensemble")
         device = parse_devices(a.devices)[0]
         first, manifest = check_ensemble(a.checkpoint, a.shards)
-        try:
-            loader = make_loader(a.shards, "val", batch_size=a.batch_size, device=device,
-                                 crop="ten" if a.ten_crop else "center", backend=a.backend,
-                                 normalization=Normalization.from_dict(first["normalization"]), verify=a.verify)
-        except ShardError as e:
-            raise UsageError(str(e)) from None
-        if loader.num_samples == 0:
-            raise UsageError(f"{a.shards}: the val split has no images")
+        loader = open_val(a.shards, batch_size=a.batch_size, device=device, crop="ten" if a.ten_crop else "center",
+                          backend=a.backend, normalization=Normalization.from_dict(first["normalization"]),
+                          verify=a.verify)
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
+def open_val(shards: str, **loader_args):
+    """make_loader over SHARDS' val split, refused in one line (UsageError) where the shards are damaged
+    or the split has no images: before any work."""
+    from model.errors import UsageError
+    from pipeline import make_loader
+    from pipeline.shards import ShardError
+    try:
+        loader = make_loader(shards, "val", **loader_args)
+    except ShardError as e:
+        raise UsageError(str(e)) from None
+    if loader.num_samples == 0:
+        raise UsageError(f"{shards}: the val split has no images")
+    return loader
+
+
 def score(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[loss sum, top-1 right, top-5 right] (float64) of a batch of probabilities [B, C] against labels [B]."""
     top5 = probs.topk(min(5, probs.shape[1]), 1).indices

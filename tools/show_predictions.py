@@ -81,21 +81,15 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=8, help="validation images to show (the first ones)")
     p.add_argument("--backend", default="auto", help="data pipeline: dali, wds or auto")
     a = p.parse_args(argv)
-    from pipeline import make_loader
-    from pipeline.shards import ShardError
+    from model.evaluation import open_val
     try:
         if not 1 <= a.n <= 256:
             raise UsageError(f"--n must be in 1..256, not {a.n}")
         check_out(a.out)
         model, ckpt, _ = open_model(a.checkpoint, a.shards)
         norm = ckpt["normalization"]
-        try:
-            loader = make_loader(a.shards, "val", batch_size=min(a.n, 64), crop="center", normalization=norm,
-                                 backend=a.backend, num_threads=2)
-        except ShardError as e:
-            raise UsageError(str(e)) from None
-        if loader.num_samples == 0:
-            raise UsageError(f"{a.shards}: the val split has no images")
+        loader = open_val(a.shards, batch_size=min(a.n, 64), crop="center", normalization=norm, backend=a.backend,
+                          num_threads=2)
     except UsageError as e:
         print(f"show_predictions: {e}", file=sys.stderr)
         return 2

@@ -27,10 +27,10 @@ import torch
 from model.checkpoint import check_classes, load_checkpoint, load_model
 from model.devices import parse_devices
 from model.errors import UsageError
-from model.evaluation import Ensemble, batch_probs, open_val, percent, summarize
+from model.evaluation import Ensemble, batch_probs, open_manifest, open_val, percent, summarize
 from pipeline import BACKENDS
 from pipeline.normalization import Normalization
-from pipeline.shards import ShardError, load_manifest
+from pipeline.shards import ShardError
 
 
 # What decides an evaluation batch's numbers (no lighting, so neither the eigenbasis nor the training
@@ -48,12 +48,7 @@ def check_ensemble(paths: list[str], shards: str) -> tuple[dict, dict]:
             raise UsageError(f"{path}: no such checkpoint")
         ckpt = load_checkpoint(path)
         if manifest is None:  # after the first checkpoint's own check: a damaged file is named first
-            try:
-                manifest = load_manifest(shards)
-            except OSError:
-                raise UsageError(f"{shards}: no such shard directory (no dataset.json)") from None
-            except ShardError as e:
-                raise UsageError(str(e)) from None
+            manifest = open_manifest(shards)
         check_classes(path, ckpt, manifest, shards)
         ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
         if first is None:

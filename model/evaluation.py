@@ -8,6 +8,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
+def open_manifest(shards: str) -> dict:
+    """SHARDS/dataset.json, or UsageError in one line (no such directory, a damaged manifest)."""
+    from model.errors import UsageError
+    from pipeline.shards import ShardError, load_manifest
+    try:
+        return load_manifest(shards)
+    except OSError:
+        raise UsageError(f"{shards}: no such shard directory (no dataset.json)") from None
+    except ShardError as e:
+        raise UsageError(str(e)) from None
+
+
 def open_val(shards: str, **loader_args):
     """make_loader over SHARDS' val split, refused in one line (UsageError) where the shards are damaged
     or the split has no images: before any work."""

@@ -23,14 +23,11 @@ def open_model(checkpoint: str, shards: str | None, device: str = "cpu"):
     """(model in eval mode, checkpoint, the shards' manifest or None): the checkpoint's digest checked,
     and the shards' classes the checkpoint's, wnid for wnid (UsageError in one line otherwise)."""
     from model.checkpoint import check_classes, load_model
-    from pipeline.shards import ShardError, load_manifest
+    from model.evaluation import open_manifest
     model, ckpt = load_model(checkpoint, device)
     manifest = None
     if shards is not None:
-        try:
-            manifest = load_manifest(shards)
-        except (OSError, ShardError) as e:
-            raise UsageError(str(e) if isinstance(e, ShardError) else f"{shards}: no such shard directory") from None
+        manifest = open_manifest(shards)
         check_classes(checkpoint, ckpt, manifest, shards)
     return model, ckpt, manifest
 

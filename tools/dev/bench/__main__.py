@@ -4,6 +4,7 @@ the same run, and the ratio.
     python -m tools.dev.bench shards   [--images 400] [--stock-python PATH] [--parts 2]
     python -m tools.dev.bench pca      [--images 2000]
     python -m tools.dev.bench pipeline [--images 2048] [--batch 128]
+    python -m tools.dev.bench stages   [--images 2048] [--batch 128]  (the CPU pipeline, stage by stage)
     python -m tools.dev.bench train    [--steps 6] [--batch 32]
     python -m tools.dev.bench neighbours [--images 50000]   (training features to search)
     python -m tools.dev.bench layouts  [--images 1600]      (fall11_whole.tar against folders)
@@ -22,7 +23,7 @@ import os
 import sys
 
 
-BENCHES = ("gpu", "layouts", "neighbours", "pca", "pipeline", "shards", "train")  # each a module of this package with a bench_<name>(args)
+BENCHES = ("gpu", "layouts", "neighbours", "pca", "pipeline", "shards", "stages", "train")  # each a module of this package with a bench_<name>(args)
 
 
 def main(argv=None) -> int:

@@ -118,6 +118,7 @@ def bench_gpu(a) -> dict:
             del loader
         report["pipeline_images_per_s"] = max(report["hw_decoder_load"].values())
         print(f"   first batch of a fresh loader: {report['pipeline_first_batch_s']:.2f} s")
+        report["against_plain_dali"] = _against_plain_dali(out, batch, dev, rounds=1 if dry else 5)
         report.save("pipeline")
 
         # 2. the model alone, synthetic batches: bf16 autocast, channels-last, with/without torch.compile
@@ -169,6 +170,44 @@ def bench_gpu(a) -> dict:
             report["recipe_study"] = _recipe_study(tmp, dev, dry, a)
         report.save("recipe_study")
     return report
+
+
+def _against_plain_dali(out: str, batch: int, dev: str, rounds: int) -> dict:
+    """bench pipeline's goals on the device: our training loader (region-of-interest decoding) against
+    (a) a plain DALI pipeline (whole images, random crop, flip, normalize) and (c) whole images decoded
+    and nothing else, the same reader threads, in paired rounds of one epoch each."""
+    import torch
+    from pipeline import make_loader
+    from tools.dev.bench.common import _interleaved
+    from tools.dev.bench.pipeline import PlainDali
+    gpu = dev != "cpu"
+    threads = min(os.cpu_count() or 1, 8)  # our loader's default on a GPU
+    device_id = 0 if gpu else None
+    loaders = {"ours": make_loader(out, "train", batch_size=batch, device=dev, backend="dali", num_threads=threads,
+                                   verify=False),
+               "plain": PlainDali(out, batch, threads, device_id=device_id),
+               "decode": PlainDali(out, batch, threads, decode_only=True, device_id=device_id)}
+
+    def epoch(loader):
+        def run():
+            n = sum(len(y) for _, y in loader)
+            if gpu:
+                torch.cuda.synchronize()
+            return n
+        return run
+
+    images = epoch(loaders["ours"])()  # warm-up epochs; ours' count is the train split's
+    for name in ("plain", "decode"):
+        epoch(loaders[name])()
+    res = _interleaved(images, {k: epoch(ld) for k, ld in loaders.items()}, rounds=rounds)
+    out_ = {"ours_images_per_s": res["ours"], "plain_images_per_s": res["plain"], "decode_images_per_s": res["decode"],
+            "ours_vs_plain": res["ratio:ours/plain"], "ours_vs_plain_range": res["range:ours/plain"],
+            "ours_vs_decode": res["ratio:ours/decode"], "ours_vs_decode_range": res["range:ours/decode"]}
+    print(f"   ours / (a) plain DALI (whole images, crop, flip, normalize): {out_['ours_vs_plain']:.2f}x "
+          f"(goal >= 1.1; rounds {out_['ours_vs_plain_range']})\n"
+          f"   ours / (c) whole images decoded, nothing else: {out_['ours_vs_decode']:.2f}x "
+          f"(goal >= 1.0; rounds {out_['ours_vs_decode_range']})")
+    return out_
 
 
 def _dali_loader(out: str, batch: int, dev: str, hw_decoder_load: float):

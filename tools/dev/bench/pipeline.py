@@ -32,9 +32,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageN
 
 class PlainDali:
     """(a): DALI's own reader over the shards and their .idx files, built once. decode_only: (c), the same
-    reader and threads decoding the whole images and nothing else: the decoder's own limit."""
+    reader and threads decoding the whole images and nothing else: the decoder's own limit. device_id: a
+    GPU's index, for nvJPEG decoding (device="mixed") and the operators after it on that GPU (the GPU check)."""
 
-    def __init__(self, shards: str, batch: int, threads: int, decode_only: bool = False):
+    def __init__(self, shards: str, batch: int, threads: int, decode_only: bool = False, device_id: int | None = None):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         paths = sorted(glob.glob(os.path.join(shards, "train-*.tar")))
@@ -44,7 +45,7 @@ class PlainDali:
             jpg, cls = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths],
                                              ext=["jpg", "cls"], random_shuffle=True, initial_fill=1024,
                                              name="reader")
-            images = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+            images = fn.decoders.image(jpg, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
             if decode_only:
                 return images, fn.pad(cls, fill_value=0, shape=[4])
             out = fn.crop_mirror_normalize(images, crop=(224, 224), crop_pos_x=fn.random.uniform(range=(0, 1)),
@@ -53,7 +54,7 @@ class PlainDali:
                                            mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
             return out, fn.pad(cls, fill_value=0, shape=[4])
 
-        pipe = plain(batch_size=batch, num_threads=threads, device_id=None, seed=0, prefetch_queue_depth=2)
+        pipe = plain(batch_size=batch, num_threads=threads, device_id=device_id, seed=0, prefetch_queue_depth=2)
         pipe.build()
         self.it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
                                       last_batch_policy=LastBatchPolicy.PARTIAL)

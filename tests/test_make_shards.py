@@ -1013,3 +1013,56 @@ def test_a_killed_part_reruns_only_its_own_shards(sources, tmp_path, capsys):
     after = {f: os.path.getmtime(os.path.join(out, f)) for f in before}
     assert sum(before[f] != after[f] for f in before) == 1
     assert make_shards.main(["--merge", out]) == 0
+
+
+def test_a_tar_of_tars_listing_is_read_again_only_while_the_tar_is_unchanged(fall11_sources, tmp_path, monkeypatch):
+    """With a cache directory, the listing of fall11_whole.tar (or ILSVRC2012_img_train.tar) is written
+    there and read back instead of the tar's headers, sample for sample the same; a tar with another
+    mtime or size is listed again, and a damaged cache is listed over."""
+    from tools import imagenet_source
+    root = str(tmp_path / "src")
+    shutil.copytree(fall11_sources["fall11-tar"][0], root)  # its tar's mtime changes below
+    tar, cache_dir = os.path.join(root, "fall11_whole.tar"), str(tmp_path / "cache")
+
+    def listing(cache=True):
+        return open_source(root, layout="fall11", val_fraction=0.5, seed=0, cache_dir=cache_dir if cache else None)
+
+    headers = listing(cache=False)
+    first = listing()
+    caches = glob.glob(os.path.join(cache_dir, "_listing-*.npz"))
+    assert first.cached == [] and len(caches) == 1 and first.splits == headers.splits
+
+    def no_headers(*args, **kwargs):
+        raise AssertionError("read the tar's headers")
+    monkeypatch.setattr(imagenet_source.tarfile, "open", no_headers)
+    again = listing()
+    assert again.cached == caches and again.classes == headers.classes
+    assert again.splits == headers.splits and sum(map(len, again.splits.values())) == 28
+    st = os.stat(tar)
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same bytes, another mtime
+    with pytest.raises(AssertionError, match="read the tar's headers"):
+        listing()
+    monkeypatch.undo()
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with open(caches[0], "r+b") as f:  # damaged: listed from the headers again, and rewritten
+        f.seek(100)
+        f.write(b"\0" * 200)
+    damaged = listing()
+    assert damaged.cached == [] and damaged.splits == headers.splits
+    assert listing().cached == caches
+
+
+def test_parts_of_a_tar_of_tars_share_its_listing_and_leave_none_behind(fall11_sources, tmp_path, capsys):
+    root = fall11_sources["fall11-tar"][0]
+    one = str(tmp_path / "one")
+    assert make_shards.main([root, one, "--val-fraction", "0.5", "--shard-samples", "4", "--workers", "1"]) == 0
+    out = str(tmp_path / "parts")
+    capsys.readouterr()
+    for i in (1, 2):
+        assert _part(root, out, i, 2, "--val-fraction", "0.5") == 0
+        read = "listing read from" in capsys.readouterr().err
+        assert read == (i == 2)  # part 1 listed the headers, part 2 read its listing
+    assert glob.glob(os.path.join(out, "_listing-*.npz"))
+    assert make_shards.main(["--merge", out]) == 0
+    _same_dirs(out, one)  # byte for byte
+    assert not glob.glob(os.path.join(out, "_listing-*")) and not glob.glob(os.path.join(one, "_listing-*"))

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import io
+import json
+import math
 import os
 import re
 import stat
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +38,7 @@ IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
 WNID = re.compile(r"^n\d{8}$")
+LISTING_CACHE = "_listing-{}.npz"  # in a cache directory (make_shards' OUT): a tar of tars' listing, reused
 
 
 class SourceError(Exception):
@@ -69,6 +72,7 @@ class Source:
     classes: list[tuple[str, str]]             # (wnid, name), sorted by wnid: index = position
     splits: dict[str, list[SourceSample]] = field(default_factory=dict)
     unused: list[dict] = field(default_factory=list)  # {source, reason} of what the listing passed over
+    cached: list[str] = field(default_factory=list)  # listing caches read instead of a tar's headers
 
     def label(self, wnid: str) -> int:
         return self._index[wnid]
@@ -96,8 +100,9 @@ def detect_layout(root: str) -> str:
 class _Listing:
     """What a folder listing decides, and what it passes over (named in the summary and the manifest)."""
 
-    def __init__(self, root: str, any_class_names: bool):
+    def __init__(self, root: str, any_class_names: bool, cache_dir: str | None = None):
         self.root, self.any_class_names, self.unused = root, any_class_names, []
+        self.cache_dir, self.cached = cache_dir, []
 
     def skip(self, path: str, reason: str) -> None:
         self.unused.append({"source": os.path.relpath(path, self.root), "reason": reason})
@@ -107,12 +112,13 @@ _listing = _Listing("", False)  # the listing in progress (open_source sets it; 
 
 
 def open_source(root: str, splits=("train", "val"), layout: str = "auto", any_class_names: bool = False,
-                val_fraction: float = 0.0, seed: int = 0) -> Source:
+                val_fraction: float = 0.0, seed: int = 0, cache_dir: str | None = None) -> Source:
     """The source's classes and samples. Class folders must be named by WordNet ids (n01440764)
     unless any_class_names; hidden folders and files that are not images are passed over and
     listed in `unused`; anything that is not a regular file (a pipe, a device) is refused.
     val_fraction (the fall11 layout only, which has no val split): the share of each class held
-    out as val, chosen by `seed`."""
+    out as val, chosen by `seed`. cache_dir: where the listing of a tar of tars (fall11_whole.tar,
+    ILSVRC2012_img_train.tar) is kept and found again while the tar is unchanged (_tar_of_tars)."""
     global _listing
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in LAYOUTS:
@@ -123,12 +129,13 @@ def open_source(root: str, splits=("train", "val"), layout: str = "auto", any_cl
     if layout != "fall11" and val_fraction:
         raise SourceError(f"{root}: --val-fraction is for the Fall 2011 release; the {layout} layout has its own "
                           "val split")
-    _listing = _Listing(root, any_class_names)
+    _listing = _Listing(root, any_class_names, cache_dir)
     if layout == "fall11":
         src = _read_fall11(root, tuple(splits), val_fraction, seed)
     else:
         reader = {"folder": _read_folder, "kaggle": _read_kaggle, "tars": _read_tars}[layout]
         src = reader(root, tuple(splits))
+    src.cached = _listing.cached
     src.unused = sorted({u["source"]: u for u in _listing.unused}.values(), key=lambda u: u["source"])  # listed once
     # One canonical order per split, whatever the layout, tar member order or file
     # system listing: the same images then give the same shards from any layout.
@@ -365,30 +372,106 @@ def _read_tars(root: str, splits) -> Source:
 
 def _tar_of_tars(path: str, prefix: str) -> list[SourceSample]:
     """The images of a tar of per-class tars (ILSVRC2012_img_train.tar, fall11_whole.tar), each inner
-    tar named <wnid>.tar, as byte ranges of the outer file: headers are read in place, nothing extracted."""
-    samples = []
+    tar named <wnid>.tar, as byte ranges of the outer file: headers are read in place, nothing extracted.
+    With a cache directory, the listing is read from there while the tar keeps its path, size and mtime
+    (listing_cache), and written there after a listing of the headers."""
+    meta = _listing_meta(path, prefix)  # before listing: a tar changed meanwhile is listed again next time
+    cache = _listing.cache_dir and listing_cache(meta, _listing.cache_dir)
+    columns = _read_listing(cache, meta) if cache else None
+    if columns is None:
+        columns = _list_tar_of_tars(path)
+        if cache:
+            _write_listing(cache, columns, meta)
+    else:
+        _listing.cached.append(cache)
+    inner, inner_of, members, offsets, sizes = columns
+    return [SourceSample(_key(member), _stem(inner[i]), f"{prefix}/{inner[i]}/{member}", path, off, n)
+            for i, member, off, n in zip(inner_of, members, offsets, sizes)]
+
+
+def _list_tar_of_tars(path: str) -> tuple[list[str], list[int], list[str], list[int], list[int]]:
+    """(inner tar names, each image's inner tar by index, image names, byte offsets in the outer file,
+    sizes), from the tar's headers."""
+    inner, inner_of, members, offsets, sizes = [], [], [], [], []
     try:
         with tarfile.open(path, "r:") as outer:
             inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
             if not inner_tars:
                 raise SourceError(f"{path}: holds no per-class .tar files")
             for m in sorted(inner_tars, key=lambda m: m.name):
-                wnid = _stem(m.name)
                 # An inner tar is a byte range of the outer one: read its headers
                 # in place (tarfile over a window of the file), never extracting.
                 window = _FileWindow(path, m.offset_data, m.size)
-                members = []
-                with tarfile.open(fileobj=window, mode="r:") as inner:
-                    for im in inner:
+                found = len(members)
+                with tarfile.open(fileobj=window, mode="r:") as tar:
+                    for im in tar:
                         if im.isfile() and _is_image(im.name):
-                            members.append(SourceSample(_key(im.name), wnid, f"{prefix}/{m.name}/{im.name}",
-                                                        path, m.offset_data + im.offset_data, im.size))
-                if not members:
+                            inner_of.append(len(inner))
+                            members.append(im.name)
+                            offsets.append(m.offset_data + im.offset_data)
+                            sizes.append(im.size)
+                if len(members) == found:
                     raise SourceError(f"{path}/{m.name}: no images (empty class)")
-                samples.extend(members)
+                inner.append(m.name)
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: unreadable tar ({e})") from None
-    return samples
+    return inner, inner_of, members, offsets, sizes
+
+
+def listing_cache(meta: dict, cache_dir: str) -> str:
+    """The cache file of a tar's listing: named by the tar's absolute path, size and mtime (_listing_meta),
+    so that a tar replaced or rewritten is listed again."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return os.path.join(cache_dir, LISTING_CACHE.format(digest[:16]))
+
+
+def _listing_meta(path: str, prefix: str) -> dict:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+    return {"format": 1, "tar": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "prefix": prefix}
+
+
+def _write_listing(cache: str, columns: tuple, meta: dict) -> None:
+    """_list_tar_of_tars' columns as arrays (about 40 bytes an image), written to a temporary name and
+    renamed. A cache that cannot be written is no error: the next run lists the headers again."""
+    inner, inner_of, members, offsets, sizes = columns
+    names = [m.encode("utf-8", "surrogateescape") for m in members]  # tarfile's own decoding, undone
+    tmp = f"{cache}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)),
+                     inner=np.array(json.dumps(inner)), inner_of=np.array(inner_of, np.int32),
+                     names=np.frombuffer(b"".join(names), np.uint8),
+                     name_ends=np.cumsum([len(n) for n in names], dtype=np.int64),
+                     offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
+        os.replace(tmp, cache)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_listing(cache: str, meta: dict) -> tuple | None:
+    """_list_tar_of_tars' columns from a cache written for the tar as `meta` describes it; None when there
+    is none, or it is damaged or for another tar (the headers are then listed again)."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if json.loads(str(z["meta"])) != meta:
+                return None
+            inner, inner_of = json.loads(str(z["inner"])), z["inner_of"].tolist()
+            blob, ends = z["names"].tobytes(), z["name_ends"].tolist()
+            offsets, sizes = z["offsets"].tolist(), z["sizes"].tolist()
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None
+    if not (len(inner_of) == len(ends) == len(offsets) == len(sizes)) or (ends and ends[-1] != len(blob)) \
+            or not all(0 <= i < len(inner) for i in set(inner_of)):
+        return None  # arrays that do not fit together (the zip's CRCs catch damaged bytes first)
+    starts = [0] + ends[:-1]
+    members = [blob[a:b].decode("utf-8", "surrogateescape") for a, b in zip(starts, ends)]
+    return inner, inner_of, members, offsets, sizes
 
 
 def held_out(n: int, fraction: float, seed: int, wnid: str) -> set[int]:

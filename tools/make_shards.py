@@ -54,7 +54,7 @@ from tqdm import tqdm
 from pipeline.images import RESAMPLE, shard_image
 from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, error_text, index_name,
                              pack_sample, sha256_file, shard_name)
-from tools.imagenet_source import LAYOUTS, Source, SourceError, SourceSample, open_source
+from tools.imagenet_source import LAYOUTS, LISTING_CACHE, Source, SourceError, SourceSample, open_source
 
 JOURNAL = "_progress.jsonl"
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
@@ -420,6 +420,8 @@ class ShardRun:
         atomic_write(os.path.join(self.out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         if os.path.exists(self.journal_path):  # a merge of parts has none (it removes theirs)
             os.remove(self.journal_path)
+        for cache in glob.glob(os.path.join(self.out, LISTING_CACHE.format("*"))):  # a finished OUT needs no listing
+            os.remove(cache)
 
     def _remove_stale(self, manifest: dict) -> None:
         """Shards (and their .idx) of an earlier run that this manifest does not list: a source that
@@ -603,9 +605,13 @@ def main(argv: list[str] | None = None) -> int:
               "choose another OUT or remove it", file=sys.stderr)
         return 2
     try:
-        src = open_source(a.src, opts.splits, opts.layout, opts.any_class_names, opts.val_fraction, opts.seed)
+        # The listing of a tar of tars is kept in OUT until dataset.json is written: a part, or a rerun,
+        # reads it instead of every tar header (--rehash trusts no size and mtime, so lists them again).
+        src = open_source(a.src, opts.splits, opts.layout, opts.any_class_names, opts.val_fraction, opts.seed,
+                          cache_dir=None if a.rehash else a.out)
         print(f"source: {a.src} ({src.layout} layout), {len(src.classes)} classes, "
-              + ", ".join(f"{s} {len(v)} images" for s, v in src.splits.items()), file=sys.stderr)
+              + ", ".join(f"{s} {len(v)} images" for s, v in src.splits.items())
+              + "".join(f"; listing read from {c}" for c in src.cached), file=sys.stderr)
         return ShardRun(src, a.out, opts, a.workers, canonical_command(a.src, opts), rehash=a.rehash,
                         part=a.part).run()
     except SourceError as e:

@@ -174,6 +174,9 @@ MUTANTS = (
     Mutant("each block forgets the best so far", "tools/neighbours.py",
            "merged_d, merged_i = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)",
            "merged_d, merged_i = d, idx", (f"{F}::test_nearest_in_blocks_is_brute_force",)),
+    Mutant("a tar's listing kept after its mtime changed", "tools/imagenet_source.py",
+           '"size": st.st_size, "mtime_ns": st.st_mtime_ns,', '"size": st.st_size,',
+           (f"{S}::test_a_tar_of_tars_listing_is_read_again_only_while_the_tar_is_unchanged",)),
     Mutant("PCA: the sample covariance (n - 1)", "tools/compute_pca.py", "/ (n * n * 255 * 255) for j in range(3)]",
            "/ (n * (n - 1) * 255 * 255) for j in range(3)]",  # 1/n relative, 2.5e-8 here: the exact check's to catch
            ("tests/test_compute_pca.py::test_matches_numpy_reference",)),

@@ -9,7 +9,8 @@ import sys
 import tempfile
 import time
 
-from tools.dev.bench.common import _epoch_rate, _epoch_timing, _line, _model_rate, _quiet, _shards, _trainer_rate
+from tools.dev.bench.common import (_epoch_rate, _epoch_timing, _interleaved, _line, _model_rate, _quiet, _shards,
+                                    _trainer_rate)
 
 # nvJPEG (GPU) and libjpeg-turbo (CPU) may round the IDCT and the chroma upsampling differently: DALI's
 # own decoder tests accept a mean difference of about one grey level, and a maximum of a few levels.
@@ -178,7 +179,6 @@ def _against_plain_dali(out: str, batch: int, dev: str, rounds: int) -> dict:
     and nothing else, the same reader threads, in paired rounds of one epoch each."""
     import torch
     from pipeline import make_loader
-    from tools.dev.bench.common import _interleaved
     from tools.dev.bench.pipeline import PlainDali
     gpu = dev != "cpu"
     threads = min(os.cpu_count() or 1, 8)  # our loader's default on a GPU
@@ -200,14 +200,15 @@ def _against_plain_dali(out: str, batch: int, dev: str, rounds: int) -> dict:
     for name in ("plain", "decode"):
         epoch(loaders[name])()
     res = _interleaved(images, {k: epoch(ld) for k, ld in loaders.items()}, rounds=rounds)
-    out_ = {"ours_images_per_s": res["ours"], "plain_images_per_s": res["plain"], "decode_images_per_s": res["decode"],
-            "ours_vs_plain": res["ratio:ours/plain"], "ours_vs_plain_range": res["range:ours/plain"],
-            "ours_vs_decode": res["ratio:ours/decode"], "ours_vs_decode_range": res["range:ours/decode"]}
-    print(f"   ours / (a) plain DALI (whole images, crop, flip, normalize): {out_['ours_vs_plain']:.2f}x "
-          f"(goal >= 1.1; rounds {out_['ours_vs_plain_range']})\n"
-          f"   ours / (c) whole images decoded, nothing else: {out_['ours_vs_decode']:.2f}x "
-          f"(goal >= 1.0; rounds {out_['ours_vs_decode_range']})")
-    return out_
+    result = {"ours_images_per_s": res["ours"], "plain_images_per_s": res["plain"],
+              "decode_images_per_s": res["decode"],
+              "ours_vs_plain": res["ratio:ours/plain"], "ours_vs_plain_range": res["range:ours/plain"],
+              "ours_vs_decode": res["ratio:ours/decode"], "ours_vs_decode_range": res["range:ours/decode"]}
+    print(f"   ours / (a) plain DALI (whole images, crop, flip, normalize): {result['ours_vs_plain']:.2f}x "
+          f"(goal >= 1.1; rounds {result['ours_vs_plain_range']})\n"
+          f"   ours / (c) whole images decoded, nothing else: {result['ours_vs_decode']:.2f}x "
+          f"(goal >= 1.0; rounds {result['ours_vs_decode_range']})")
+    return result
 
 
 def _dali_loader(out: str, batch: int, dev: str, hw_decoder_load: float):

@@ -91,9 +91,10 @@ def bench_stages(a) -> dict:
     for _ in range(per_round):
         floor.fill(1.0)
     fill_us = (time.perf_counter() - t0) / (per_round * batch) * 1e6
-    for stage in STAGES:
-        ratio = "" if stage == "whole" else f"  / whole {res[f'ratio:{stage}/whole']:.2f}x (range {res[f'range:{stage}/whole']})"
-        _line(stage, res[stage], extra=ratio)
+    _line("whole", res["whole"])
+    for stage in STAGES[1:]:
+        ratio, spread = res[f"ratio:{stage}/whole"], res[f"range:{stage}/whole"]
+        _line(stage, res[stage], extra=f"  / whole {ratio:.2f}x (range {spread})")
     print(f"  writing a float32 224x224x3 image, memory only (one thread): {fill_us:.0f} us; one image's CPU time "
           f"in the whole decode: {1e6 * cores / res['whole']:.0f} us")
     print(f"  ceiling of ours / (c) on this CPU (crop+cmn / whole): {res['ratio:crop+cmn/whole']:.2f}x")

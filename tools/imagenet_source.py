@@ -385,7 +385,8 @@ def _tar_of_tars(path: str, prefix: str) -> list[SourceSample]:
     else:
         _listing.cached.append(cache)
     inner, inner_of, members, offsets, sizes = columns
-    return [SourceSample(_key(member), _stem(inner[i]), f"{prefix}/{inner[i]}/{member}", path, off, n)
+    wnids, heads = [_stem(name) for name in inner], [f"{prefix}/{name}/" for name in inner]  # one string a class
+    return [SourceSample(_key(member), wnids[i], heads[i] + member, path, off, n)
             for i, member, off, n in zip(inner_of, members, offsets, sizes)]
 
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import socket
 import stat
 import tarfile
 import zipfile
@@ -440,7 +441,7 @@ def _write_listing(cache: str, columns: tuple, meta: dict) -> None:
     renamed. A cache that cannot be written is no error: the next run lists the headers again."""
     inner, inner_of, members, offsets, sizes = columns
     names = [m.encode("utf-8", "surrogateescape") for m in members]  # tarfile's own decoding, undone
-    tmp = f"{cache}.tmp-{os.getpid()}"
+    tmp = f"{cache}.tmp-{socket.gethostname()}-{os.getpid()}"  # parts on several nodes may write it at once
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(tmp, "wb") as f:

@@ -99,7 +99,8 @@ def detect_layout(root: str) -> str:
 
 
 class _Listing:
-    """What a folder listing decides, and what it passes over (named in the summary and the manifest)."""
+    """What a folder listing decides, and what it passes over (named in the summary and the manifest);
+    where tar listings are cached (cache_dir), and which caches it read (cached)."""
 
     def __init__(self, root: str, any_class_names: bool, cache_dir: str | None = None):
         self.root, self.any_class_names, self.unused = root, any_class_names, []
@@ -437,7 +438,7 @@ def _listing_meta(path: str, prefix: str) -> dict:
 
 
 def _write_listing(cache: str, columns: tuple, meta: dict) -> None:
-    """_list_tar_of_tars' columns as arrays (about 40 bytes an image), written to a temporary name and
+    """_list_tar_of_tars' columns as arrays (about 50 bytes an image), written to a temporary name and
     renamed. A cache that cannot be written is no error: the next run lists the headers again."""
     inner, inner_of, members, offsets, sizes = columns
     names = [m.encode("utf-8", "surrogateescape") for m in members]  # tarfile's own decoding, undone

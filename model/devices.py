@@ -66,6 +66,28 @@ def wrap(model: torch.nn.Module, world: int, device: torch.device, compile: bool
     return torch.compile(net, dynamic=False) if compile else net  # one shape: train_step pads the last batch
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a scheduler or taskset narrows), not
+    the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows: no affinity call
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(requested: int, cores: int | None = None, local_world: int | None = None) -> tuple[int, str]:
+    """(torch's intra-op thread count for this process, why). Chosen here, never left to the launcher:
+    torchrun sets OMP_NUM_THREADS=1 only when it starts more than one process a node, so the same run
+    would sum its convolutions in another order (other last bits) as 2 ranks on one node and as 2 nodes
+    of 1. 0 asks for this process's share of the cores: usable cores // processes on this node."""
+    if requested:
+        return requested, "--intra-op-threads"
+    cores = usable_cores() if cores is None else cores
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world is None else local_world
+    n = max(1, cores // max(1, local_world))
+    return n, f"{cores} usable cores / {local_world} process(es) on this node"
+
+
 def distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

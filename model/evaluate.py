@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     print(f"(chance: {100 * chance:.1f}% top-1)")
     if a.json:
         tmp = f"{a.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, a.json)
     return 0

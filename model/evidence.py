@@ -25,7 +25,7 @@ def git_commit() -> str:
 def write_json(path: str, obj) -> None:
     """Written to a temporary name and renamed: a reader never sees half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
@@ -69,7 +69,7 @@ class Metrics:
         if os.path.exists(path):
             epoch, step = resume_at
             kept, bad = [], 0
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         record = json.loads(line)
@@ -83,12 +83,12 @@ class Metrics:
                 print(f"train: {path}: dropped {bad} unreadable line(s), as a killed run leaves them",
                       file=sys.stderr, flush=True)
             kept = [r for r in kept if r["step"] <= step and not (r["kind"] == "epoch" and r["epoch"] >= epoch)]
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             self.epochs = [r for r in kept if r["kind"] == "epoch"]
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if record["kind"] == "epoch":
             self.epochs.append(record)
@@ -103,7 +103,7 @@ def write_config(run) -> None:
         "overridden": sorted(k for k, v in cfg.overrides.items() if v is not None),
         "lr": {"weights": run.recipe.lr, "rule": lr_rule(cfg.recipe, cfg.overrides)},
         "model": asdict(run.model_cfg), "normalization": run.norm.as_dict(), "world_size": run.world,
-        "devices": run.devices, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
+        "devices": run.devices, "intra_op_threads": run.threads, "commit": git_commit(), "torch": torch.__version__, "argv": sys.argv,
         "dataset": run.dataset, "loader": type(run.train_loader).__name__, "bf16": run.bf16,
         "channels_last": run.channels_last, "init_from": run.init_from})
 

@@ -24,6 +24,8 @@ class TrainConfig:
     devices: str = _f("auto", "'cpu', 'cuda', 'cuda:1', or two halves 'cuda:0,cuda:1'; auto: cuda if any")
     backend: str = _f("auto", "data pipeline: 'dali', 'wds', auto (DALI where it imports); 'synthetic' to time")
     loader_threads: int = _f(0, "DALI threads / DataLoader workers per rank (0: all cores)")
+    intra_op_threads: int = _f(0, "torch's intra-op threads per process, which fix the order the CPU sums in "
+                                  "(0: usable cores / processes on this node; printed, and kept in config.json)")
     verify: bool = _f(True, "check every shard's sha256 against dataset.json before its samples are used "
                             "(once per run, in the background); --no-verify skips it")
     bf16: bool = _f(True, "bf16 autocast on GPUs (ignored on the CPU, where it is slower)")
@@ -66,6 +68,9 @@ def check_run_options(cfg: TrainConfig, recipe: Recipe, world: int) -> None:
         raise UsageError(f"--seed must be in [0, 2^63), not {cfg.seed}")
     if cfg.loader_threads < 0:
         raise UsageError(f"--loader-threads must be >= 0 (0: all cores), not {cfg.loader_threads}")
+    if cfg.intra_op_threads < 0:
+        raise UsageError(f"--intra-op-threads must be >= 0 (0: usable cores / local processes), "
+                         f"not {cfg.intra_op_threads}")
     if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
         raise UsageError(f"--checkpoint-minutes must be a finite number >= 0, not {cfg.checkpoint_minutes}")
     if cfg.stall_steps < 0:

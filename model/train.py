@@ -24,9 +24,7 @@ predict use those rooms, never this module.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -37,8 +35,8 @@ from model.alexnet import AlexNetConfig, build, canonical_state, load_canonical
 from model.checkpoint import (acquire_lock, checkpoint_digest, checkpoint_to_resume, dataset_id,
                               load_checkpoint, load_matching, load_optimizer_state, optimizer_state, pid_alive,
                               release_lock, rng_state, save_atomic, set_rng_state)
-from model.devices import distributed, init_distributed, parse_devices, place, wrap
-from model.errors import Diverged, RunFailed, UsageError
+from model.devices import distributed, init_distributed, intra_op_threads, parse_devices, place, wrap
+from model.errors import Diverged, RunFailed, UsageError, sigterm_as_interrupt, stopped
 from model.evaluation import evaluate, percent, summarize
 from model.evidence import Metrics, draw_plot, log_window, write_config
 from model.guards import LossGuard, check_stall
@@ -83,6 +81,7 @@ class Run:
     saved_step: int | None = None   # the step of the checkpoint on disk, if any
     lock: int | None = None         # OUT/.lock's file descriptor, held (flock) by rank 0 while it runs
     init_from: dict | None = None   # --init-from: the parent checkpoint and which layers came from it
+    threads: int = 0                # torch's intra-op threads in this process (set by setup)
 
     @property
     def main(self) -> bool:
@@ -100,12 +99,15 @@ def setup(cfg: TrainConfig) -> Run:
     rank, world, local_rank = distributed()
     devices = parse_devices(cfg.devices, world, local_rank)
     check_run_options(cfg, recipe, world)
+    threads, threads_why = intra_op_threads(cfg.intra_op_threads)
+    torch.set_num_threads(threads)  # before any tensor work: the same sums in the same order on any launcher
     dataset = check_shards(cfg.shards)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint = checkpoint_to_resume(ckpt_path, cfg.resume, cfg.recipe, asdict(recipe), cfg.seed, dataset,
                                       cfg.shards)
     parent = load_checkpoint(cfg.init_from) if cfg.init_from and checkpoint is None else None
     run, pca_changed = build_run(cfg, recipe, rank, world, devices, dataset, ckpt_path, checkpoint)
+    run.threads = threads
     if parent is not None:  # a new run from another run's weights: the matching layers, the rest as initialised
         run.init_from = load_matching(run.model, parent, cfg.init_from)
         del parent
@@ -124,7 +126,8 @@ def setup(cfg: TrainConfig) -> Run:
               f"{'+'.join(devices)} x {world} rank(s), {run.num_classes} classes, "
               f"{run.train_loader.num_samples * world} train images/epoch, batch {recipe.batch_size}, "
               f"{lr_rule(cfg.recipe, cfg.overrides)} ({recipe.schedule}), loader "
-              f"{type(run.train_loader).__name__} -> {cfg.out}", flush=True)
+              f"{type(run.train_loader).__name__}, {threads} intra-op thread(s) a process ({threads_why}) "
+              f"-> {cfg.out}", flush=True)
     return run
 
 
@@ -355,7 +358,16 @@ def end_epoch(run: Run, epoch: int, stats: dict) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """The whole run; returns the last epoch's metrics record."""
+    """The whole run; returns the last epoch's metrics record. The caller's intra-op thread count is
+    restored at the end (tests and studies call this in one process)."""
+    caller_threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+def _train(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     result = {}
     try:
@@ -375,23 +387,10 @@ def train(cfg: TrainConfig) -> dict:
 
 # ---------------------------------------------------------------- command line
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's preemption, `kill`): stopped as Ctrl-C stops a run."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
     cfg = config_from_args(argv)
-    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-    try:
+    with sigterm_as_interrupt():
         return _run(cfg)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(cfg: TrainConfig) -> int:
@@ -408,9 +407,7 @@ def _run(cfg: TrainConfig) -> int:
         print(f"train: {e.filename or cfg.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        how, status = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        print(f"\ntrain: {how}; --resume continues from the last checkpoint in {cfg.out}", file=sys.stderr)
-        return status
+        return stopped("train", e, f"--resume continues from the last checkpoint in {cfg.out}")
     return 0
 
 

@@ -87,7 +87,7 @@ class Normalization:
             raise FileNotFoundError(f"{path}: missing: run tools/compute_pca.py {shards_dir}")
         redo = f"rerun tools/compute_pca.py {shards_dir}"
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 pca = json.load(f)
             check_pca(pca)
         except (OSError, ValueError, TypeError, KeyError) as e:

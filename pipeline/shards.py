@@ -10,6 +10,7 @@ This module imports neither DALI nor torch: tools, the pipeline and tests share 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -151,7 +152,7 @@ def index_text(entries) -> str:
 
 def read_index(path: str) -> list[IndexEntry]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             header = f.readline().split()
             lines = f.read().splitlines()
     except OSError as e:
@@ -181,15 +182,33 @@ def atomic_write(path: str, data: bytes | list[bytes], fsync: bool = True) -> No
     make_shards flushes each shard from a background thread (a per-file fsync in
     the worker cost ~10 ms a shard here)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if isinstance(data, list):
-            f.writelines(data)
-        else:
-            f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, list):
+                f.writelines(data)
+            else:
+                f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no temporary file is left behind to look like output
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def check_writable(path: str) -> None:
+    """OSError (with the path) unless a file can be created in PATH's directory now: asked before hours of
+    work whose result goes there. A real write, not os.access: root passes os.access on a read-only mount."""
+    directory = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, directory) from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -208,7 +227,7 @@ def load_manifest(shards_dir: str) -> dict:
         raise ShardError(f"{path}: missing: {shards_dir} is not a finished shard directory "
                          "(make_shards writes dataset.json last; rerun it to finish)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from None

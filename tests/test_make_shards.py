@@ -1066,3 +1066,25 @@ def test_parts_of_a_tar_of_tars_share_its_listing_and_leave_none_behind(fall11_s
     assert make_shards.main(["--merge", out]) == 0
     _same_dirs(out, one)  # byte for byte
     assert not glob.glob(os.path.join(out, "_listing-*")) and not glob.glob(os.path.join(one, "_listing-*"))
+
+
+def test_an_ascii_locale_and_a_path_with_spaces_give_the_same_shards(sources, made, tmp_path):
+    """The suite and a user's shell may run under LC_ALL=C without UTF-8 coercion (an old cluster image, a
+    minimal container): the class-name files are UTF-8 whatever the locale says. Before every text file was
+    opened as UTF-8, a name with an accent was a UnicodeDecodeError there."""
+    root = str(tmp_path / "source with spaces")
+    shutil.copytree(sources["folder"][0], root)
+    mapping = os.path.join(root, "LOC_synset_mapping.txt")
+    lines = open(mapping, encoding="utf-8").read().splitlines()
+    lines[0] = lines[0].split(" ")[0] + " café, crème brûlée"
+    open(mapping, "w", encoding="utf-8").write("\n".join(lines) + "\n")
+    out = str(tmp_path / "out dir")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_shards.py"), root, out,
+                           "--workers", "2", "--shard-samples", "16"], cwd=REPO, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, reference = load_manifest(out), load_manifest(made["folder"])
+    assert got["classes"][0]["name"] == "café, crème brûlée"
+    assert got["classes"][1:] == reference["classes"][1:]
+    assert [s["sha256"] for s in got["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in reference["splits"]["train"]["shards"]]

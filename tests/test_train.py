@@ -153,7 +153,11 @@ def test_ddp_two_gloo_processes(tiny_shards, tmp_path):
 def test_two_nodes_end_with_the_weights_of_two_ranks_on_one(tiny_shards, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1 with a c10d rendezvous on localhost: two "nodes" as two
     torchrun processes, gloo on the CPU. The run finishes, and its weights are bitwise those of the same
-    run as 2 ranks on one node (same seed, so the same data slices, dropout masks and sums)."""
+    run as 2 ranks on one node (same seed, so the same data slices, dropout masks and sums).
+    Bitwise needs the same intra-op thread count in every process: the CPU's convolutions sum in an order
+    that depends on it. torchrun sets OMP_NUM_THREADS=1 only with --nproc_per_node > 1, so without the
+    pin the one-node run computes with 1 thread and each "node" with all cores (on a 2-core machine the
+    weights then differ in the last bits). The pin is the trainer's own flag, as a user would give it."""
     import socket
     runs = {}
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -166,12 +170,14 @@ def test_two_nodes_end_with_the_weights_of_two_ranks_on_one(tiny_shards, tmp_pat
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "model.train",
                *run_args(tiny_shards, out, "--epochs", "1")]
         cmd[cmd.index("--loader-threads") + 1] = "1"
+        cmd += ["--intra-op-threads", "1"]
         nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2 if name == "two" else 1)]
         for node in nodes:
             _, err = node.communicate(timeout=600)
             assert node.returncode == 0, err[-3000:]
-        assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert config["world_size"] == 2 and config["intra_op_threads"] == 1
         runs[name] = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert runs["one"]["step"] == runs["two"]["step"] == 4
     for k, v in runs["one"]["model"].items():
@@ -240,6 +246,37 @@ def test_checkpoint_of_other_class_count_is_refused(finished_run, shards, capsys
     assert evaluate.main(["--checkpoint", ckpt, "--shards", shards, "--devices", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has 4 classes, the shards have 10" in err[0]
+
+
+@pytest.mark.parametrize("flag, local_world, expected", [([], "1", 3), ([], "2", 1), (["--intra-op-threads", "2"], "1", 2)])
+def test_the_trainer_sets_its_intra_op_threads_whatever_the_launcher_left(tiny_shards, tmp_path, monkeypatch, capsys,
+                                                                          flag, local_world, expected):
+    """torchrun leaves OMP_NUM_THREADS=1 behind with several processes a node and nothing with one: the
+    trainer overrides either. Here the launcher's leftover is 1 thread, the process may use 3 cores (faked
+    affinity), and LOCAL_WORLD_SIZE is torchrun's processes on this node: 3 // 1 = 3, 3 // 2 = 1, or the flag."""
+    from model import devices, optim
+    monkeypatch.setattr(devices, "usable_cores", lambda: 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    seen, real_step = [], optim.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (seen.append(torch.get_num_threads()), real_step(*a, **k))[1])
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)  # what torchrun's OMP_NUM_THREADS=1 gives a worker
+    try:
+        out = str(tmp_path / "r")
+        assert train.main(run_args(tiny_shards, out, "--epochs", "1", "--no-checkpoints", *flag)) == 0
+        assert torch.get_num_threads() == 1  # the caller's count is given back
+    finally:
+        torch.set_num_threads(caller)
+    assert set(seen) == {expected}
+    assert json.load(open(os.path.join(out, "config.json")))["intra_op_threads"] == expected
+    assert f"{expected} intra-op thread(s) a process" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("requested, cores, local_world, expected", [(0, 16, 8, 2), (0, 2, 2, 1), (0, 1, 4, 1),
+                                                                       (0, 7, 2, 3), (5, 2, 2, 5)])
+def test_intra_op_threads_are_the_process_share_of_the_cores(requested, cores, local_world, expected):
+    from model.devices import intra_op_threads
+    assert intra_op_threads(requested, cores, local_world)[0] == expected
 
 
 def test_recipe_values_flags_override_and_config_records_all(tiny_shards, tmp_path):

@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import stat
+import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -56,14 +57,36 @@ class SourceSample:
     size: int = -1    # bytes to read; -1 = the whole file
 
     def read(self) -> bytes:
+        """The image's bytes. A tar member's header (the 512 bytes before its data) is read with them and
+        must name this member and its size: a listing that does not match its tar (a cache of another
+        version, entries swapped) is refused instead of giving one image another's label."""
         with open(self.path, "rb") as f:
             if self.size < 0:
                 return f.read()
-            f.seek(self.offset)
+            f.seek(self.offset - tarfile.BLOCKSIZE)
+            header = f.read(tarfile.BLOCKSIZE)
             data = f.read(self.size)
         if len(data) != self.size:
             raise OSError(f"{self.source}: tar member cut short ({len(data)} of {self.size} bytes)")
+        self._check_header(header)
         return data
+
+    def _check_header(self, header: bytes) -> None:
+        member = self.source.rsplit(".tar/", 1)[-1]  # the name inside its (innermost) tar
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.TarError:
+            info = None
+        long_name = len(member.encode("utf-8", "surrogateescape")) > 99  # GNU/PAX: the header holds a stand-in
+        if info is None or info.size != self.size or not (info.name == member or long_name):
+            found = "no tar header" if info is None else f"the header of {info.name!r}, {info.size} bytes"
+            raise ListingMismatch(f"{self.path}: the listing says {self.source} is {self.size} bytes at byte "
+                                  f"{self.offset}, but the tar has {found} there")
+
+
+class ListingMismatch(Exception):
+    """A source listing (usually a cached one) that does not describe its tar: never an undecodable image
+    to skip, always a refusal of the run."""
 
 
 @dataclass
@@ -248,7 +271,7 @@ def _synset_names(path: str) -> dict[str, str]:
     if not os.path.exists(path):
         return {}
     names = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             wnid, _, name = line.strip().partition(" ")
             if not WNID.match(wnid):
@@ -275,7 +298,7 @@ def _read_kaggle(root: str, splits) -> Source:
         if not os.path.exists(solution):
             raise SourceError(f"{solution}: missing (the Kaggle layout's validation labels)")
         truth, line_of = {}, {}
-        with open(solution, newline="") as f:
+        with open(solution, newline="", encoding="utf-8") as f:
             for n, row in enumerate(csv.reader(f)):
                 if n == 0 or not row:
                     continue
@@ -478,10 +501,11 @@ def _read_listing(cache: str, meta: dict) -> tuple | None:
 
 
 def held_out(n: int, fraction: float, seed: int, wnid: str) -> set[int]:
-    """Which of a class's n images (in key order) are val: round(fraction * n) of them (halves up),
+    """Which of a class's n images (in key order) are val: round(fraction * n) of them (halves up), at
+    most n - 1,
     drawn by a generator seeded with (seed, the class), so the choice does not depend on any other
     class, on the workers or on the listing order."""
-    count = math.floor(fraction * n + 0.5)
+    count = min(math.floor(fraction * n + 0.5), n - 1)  # never a class's every image: one stays for training
     class_seed = int(wnid[1:]) if WNID.match(wnid) else int.from_bytes(hashlib.sha256(wnid.encode()).digest()[:8], "big")
     return set(np.random.default_rng([seed, class_seed]).permutation(n)[:count].tolist())
 
@@ -504,6 +528,9 @@ def _read_fall11(root: str, splits, val_fraction: float, seed: int) -> Source:
     whole = os.path.join(root, FALL11_TAR)
     if os.path.exists(whole):
         samples = _tar_of_tars(whole, FALL11_TAR)
+        for name in sorted(os.listdir(root)):  # never read beside it: named, so no synset goes without a word
+            if name not in (FALL11_TAR, WORDS) and not name.startswith(".") and not name.startswith(FALL11_TAR):
+                _listing.skip(os.path.join(root, name), f"beside {FALL11_TAR}, which is read instead")
     else:
         samples = []
         for name in sorted(os.listdir(root)):
@@ -525,6 +552,11 @@ def _read_fall11(root: str, splits, val_fraction: float, seed: int) -> Source:
     for sample in samples:
         by_class.setdefault(sample.wnid, []).append(sample)
     out = {split: [] for split in splits}
+    capped = [(w, len(v)) for w, v in sorted(by_class.items()) if math.floor(val_fraction * len(v) + 0.5) >= len(v)]
+    if capped:
+        print(f"make_shards: {len(capped)} synset(s) too small for --val-fraction {val_fraction:g} to leave an image "
+              f"for training keep one ({', '.join(f'{w}: {n} image(s)' for w, n in capped[:3])}"
+              f"{' ...' if len(capped) > 3 else ''})", file=sys.stderr)
     for wnid in sorted(by_class):
         members = sorted(by_class[wnid], key=lambda m: m.key)
         val = held_out(len(members), val_fraction, seed, wnid)
@@ -533,6 +565,9 @@ def _read_fall11(root: str, splits, val_fraction: float, seed: int) -> Source:
             if split in out:
                 out[split].append(sample)
     names = _words(root)
+    if not names:
+        print(f"make_shards: {os.path.join(root, WORDS)}: not found; the class names are the wnids",
+              file=sys.stderr)
     return Source(root, "fall11", [(w, names.get(w, w)) for w in sorted(by_class)], out)
 
 

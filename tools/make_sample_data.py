@@ -182,7 +182,7 @@ def generate(out: str, layout: str = "folder", classes: int = 10, train_per_clas
         val = []
     else:
         writer(out, cls_list, train, val, rng)
-    with open(os.path.join(out, "SYNTHETIC_README.txt"), "w") as f:
+    with open(os.path.join(out, "SYNTHETIC_README.txt"), "w", encoding="utf-8") as f:
         f.write("Synthetic sample data made by tools/make_sample_data.py. NOT ImageNet: coloured shapes "
                 "on noise, in the ImageNet layout '%s', for demos and tests.\n" % layout)
     return {
@@ -193,7 +193,7 @@ def generate(out: str, layout: str = "folder", classes: int = 10, train_per_clas
 
 
 def _write_fall11(out, cls_list, train, layout):
-    with open(os.path.join(out, "words.txt"), "w") as f:  # as the release's: wnid, tab, comma-separated names
+    with open(os.path.join(out, "words.txt"), "w", encoding="utf-8") as f:  # as the release's: wnid, tab, comma-separated names
         f.writelines(f"{c.wnid}\t{c.name}, {c.name} (synthetic)\n" for c in cls_list)
     outer = tarfile.open(os.path.join(out, "fall11_whole.tar"), "w") if layout == "fall11-tar" else None
     for c, items in train.items():
@@ -230,7 +230,7 @@ def _write_folder(out, cls_list, train, val, rng):
 
 
 def _write_synset_mapping(out, cls_list):
-    with open(os.path.join(out, "LOC_synset_mapping.txt"), "w") as f:
+    with open(os.path.join(out, "LOC_synset_mapping.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{c.wnid} {c.name}\n" for c in cls_list)
 
 
@@ -244,7 +244,7 @@ def _write_kaggle(out, cls_list, train, val, rng):
     _write_synset_mapping(out, cls_list)
     rows = [(stem, f"{cls_list[c].wnid} 10 20 200 220 {cls_list[c].wnid} 30 40 100 120 ") for stem, c, _ in val]
     rows = [rows[i] for i in rng.permutation(len(rows))]  # the real CSV is not in file order
-    with open(os.path.join(out, "LOC_val_solution.csv"), "w", newline="") as f:
+    with open(os.path.join(out, "LOC_val_solution.csv"), "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["ImageId", "PredictionString"])
         w.writerows(rows)

@@ -29,13 +29,12 @@ An image that cannot be decoded fails the run, naming every such file, unless
 from __future__ import annotations
 
 import argparse
-import ctypes
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
-import signal
 import sys
 import time
 import warnings
@@ -54,10 +53,12 @@ from tqdm import tqdm
 from pipeline.images import RESAMPLE, shard_image
 from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, error_text, index_name,
                              pack_sample, sha256_file, shard_name)
-from tools.imagenet_source import LAYOUTS, LISTING_CACHE, Source, SourceError, SourceSample, open_source
+from tools.imagenet_source import (LAYOUTS, LISTING_CACHE, ListingMismatch, Source, SourceError, SourceSample,
+                                   open_source)
+from model.errors import sigterm_as_interrupt, stopped
+from tools.workers import init_worker_signals, kill_workers
 
 JOURNAL = "_progress.jsonl"
-PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class ShardOptions:
     """Every option that changes the output; all of them go into dataset.json."""
     size: int = 256              # px: shorter side and side of the central square crop (paper, section 2)
     keep_aspect: bool = False    # store the shorter side at `size` without the crop
-    quality: int = 90            # JPEG quality 1-95 of the re-encoded images (libjpeg scale)
+    quality: int = 90            # JPEG quality 1-100 of the re-encoded images (libjpeg scale)
     resample: str = "bicubic"    # PIL filter for the resize (antialiased when downscaling)
     draft: bool = True           # JPEG DCT-domain downscale by 2/4/8 first where the source is >= 2x the target
     shard_samples: int = 1024    # samples per shard (~30 MB at 256 px, quality 90)
@@ -99,26 +100,17 @@ _worker_rehash = False  # --rehash: digest the source bytes of each shard too
 def _init_worker(opts: ShardOptions, out: str, progress, parent: int, rehash: bool = False) -> None:
     global _worker_opts, _worker_out, _worker_progress, _worker_rehash
     _worker_opts, _worker_out, _worker_progress, _worker_rehash = opts, out, progress, rehash
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one line, not N tracebacks
-    _die_with(parent)
-
-
-def _die_with(parent: int) -> None:
-    """Linux: the kernel kills this worker when the main process dies, however it dies (a SIGKILL
-    gives it no chance to stop its workers): no orphan goes on decoding and holding the output pipes."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers end when they next find the pool gone
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    init_worker_signals(parent)
 
 
 def _encode_sample(sample: SourceSample, label: int, content=None):
     """Source sample -> (its packed tar members, None) or (None, the error). Never raises.
     content: a hash that the source bytes are fed to (--rehash)."""
     try:
-        data = sample.read()
+        try:
+            data = sample.read()
+        except ListingMismatch:
+            raise  # not an undecodable image: the run stops (_make_shard)
         if content is not None:
             content.update(data)
         with warnings.catch_warnings(record=True) as caught:
@@ -127,6 +119,8 @@ def _encode_sample(sample: SourceSample, label: int, content=None):
         for w in caught:  # PIL's warning names no file: this one does
             if issubclass(w.category, Image.DecompressionBombWarning):
                 print(f"make_shards: {sample.source}: warning: {w.message}", file=sys.stderr, flush=True)
+    except ListingMismatch:
+        raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per file
         return None, error_text(e)
     return pack_sample(sample.key, jpg, label, {"wnid": sample.wnid, "source": sample.source,
@@ -142,7 +136,10 @@ def _make_shard(task: tuple[str, list]) -> dict:
     writer, skipped, failed, reported = ShardWriter(), [], [], 0
     content = hashlib.sha256() if _worker_rehash else None
     for k, (sample, label) in enumerate(items, 1):
-        packed, err = _encode_sample(sample, label, content)
+        try:
+            packed, err = _encode_sample(sample, label, content)
+        except ListingMismatch as e:
+            return {"name": name, "mismatch": str(e)}
         if err is not None:
             (skipped if _worker_opts.allow_skips else failed).append({"source": sample.source, "reason": err})
         else:
@@ -193,7 +190,7 @@ class ShardRun:
         if not os.path.exists(self.journal_path):
             atomic_write(self.journal_path, (json.dumps(header, sort_keys=True) + "\n").encode())
             return {}
-        with open(self.journal_path) as f:
+        with open(self.journal_path, encoding="utf-8") as f:
             text = f.read()
         lines, records = text.split("\n"), []
         for n, line in enumerate(lines, 1):
@@ -210,6 +207,10 @@ class ShardRun:
                                   f"remove {self.out} and run again") from None
         if not records or not isinstance(records[0], dict) or \
                 records[0].get("options") != json.loads(json.dumps(header["options"])):
+            if self.part:  # the other parts may be fine: only this one's journal need go
+                raise SourceError(f"{self.journal_path}: part {self.part[0]}/{self.part[1]} was begun with other "
+                                  f"options ({_options_text(records[0]) if records and isinstance(records[0], dict) else '?'}); "
+                                  "rerun it with those, or remove this journal to make the part again with these")
             raise SourceError(f"{self.journal_path}: {self.out} holds an unfinished run with other options; "
                               "rerun that command, or remove the directory")
         done, changed = {}, 0
@@ -281,8 +282,54 @@ class ShardRun:
             digests[name] = h.hexdigest()
         return digests
 
+    def _lock(self) -> None:
+        """Hold <journal>.lock (flock) for the run's life: the same part, or the same OUT, made by two
+        processes at once would interleave one journal. The kernel lets go when the process dies."""
+        path = self.journal_path.rsplit(".", 1)[0] + ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            what = f"part {self.part[0]}/{self.part[1]} of {self.out}" if self.part else self.out
+            raise SourceError(f"{path}: another make_shards (pid {holder}) is making {what} now; wait for it, "
+                              "or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for people; the flock is what counts
+        self._lock_fd, self._lock_path = fd, path
+
+    def _unlock(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            os.remove(self._lock_path)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def listing_digest(self) -> str:
+        """sha256 of the whole listing every part plans from: each sample's split, key, class, source and
+        byte range, and the size and mtime of each tar holding samples. Parts that planned from different
+        listings (an image deleted, a tar replaced between them) would merge into duplicates and gaps.
+        A plain image file is named, not stat'ed (a stat per image per part would cost more than the rest)."""
+        h, tars = hashlib.sha256(), set()
+        for split in self.opts.splits:
+            for x in self.src.splits[split]:
+                h.update(f"{split}\t{x.key}\t{x.wnid}\t{x.source}\t{x.offset}:{x.size}\n".encode())
+                if x.size >= 0:
+                    tars.add(x.path)
+        for path in sorted(tars):
+            st = os.stat(path)
+            h.update(f"{path}\t{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
     def run(self) -> int:
         os.makedirs(self.out, exist_ok=True)
+        self._lock()
+        try:
+            return self._run()
+        finally:
+            self._unlock()
+
+    def _run(self) -> int:
         full_plan = self._plan()
         plan = [entry for k, entry in enumerate(full_plan) if self.part is None or k % self.part[1] == self.part[0] - 1]
         mine = {name for _, name, _ in plan}
@@ -318,11 +365,9 @@ class ShardRun:
             flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
             try:
                 made = self._collect(pending, records, digests, syncer, flushed, bar, progress)
-            except KeyboardInterrupt:  # the workers ignore SIGINT: stop them now, not after their shards
+            except (KeyboardInterrupt, SourceError):  # the workers ignore SIGINT: stop them now, not after their shards
                 bar.close()
-                for process in list(getattr(pool, "_processes", {}).values()):  # no public way to kill them
-                    process.kill()
-                pool.shutdown(wait=False, cancel_futures=True)
+                kill_workers(pool)
                 raise
         bar.update(progress.value - bar.n)
         bar.close()
@@ -357,8 +402,9 @@ class ShardRun:
         done = {"done": {"part": list(self.part), "plan": {split: [name for sp, name, _ in full_plan if sp == split]
                                                            for split in self.opts.splits},
                          "classes": self.src.classes, "unused": self.src.unused, "layout": self.src.layout,
+                         "listing": self.listing_digest(),
                          "root": self.src.root, "command": self.command}}
-        with open(self.journal_path, "a") as f:  # every shard is flushed already (run() waited for it)
+        with open(self.journal_path, "a", encoding="utf-8") as f:  # every shard is flushed already (run() waited for it)
             f.write(json.dumps(done, sort_keys=True) + "\n")
         n = sum(r["samples"] for recs in self.records.values() for r in recs)
         i, parts = self.part
@@ -381,13 +427,17 @@ class ShardRun:
                     raise WorkerDied(f"{self.out}: a worker process died while making {name} (killed: out "
                                      f"of memory?); the {len(records)} shards finished are kept and "
                                      "the same command finishes the job") from None
+                if "mismatch" in res:
+                    raise SourceError(f"{res['mismatch']}: the listing is stale or wrong; remove "
+                                      f"{os.path.join(self.out, LISTING_CACHE.format('*'))} (a listing cache) and "
+                                      "run again")
                 if "failed" in res:
                     self.failed += [(f["source"], f["reason"]) for f in res["failed"]]
                     continue
                 flushed.append(syncer.submit(self._flush, res["name"]))
                 rec = {"shard": res["shard"], "skipped": res["skipped"], "plan": digests[res["name"]],
                        "content": res["content"]}
-                with open(self.journal_path, "a") as f:
+                with open(self.journal_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec, sort_keys=True) + "\n")
                 records[res["name"]] = rec
                 made += res["shard"]["samples"]
@@ -472,7 +522,7 @@ def merge(out: str) -> int:
     loaded, missing = {}, []
     for i in range(1, parts + 1):
         path = os.path.join(out, part_journal(i, parts))
-        lines = open(path).read().splitlines() if os.path.exists(path) else []
+        lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
         try:
             records = [json.loads(line) for line in lines if line.strip()]
         except ValueError:  # a half-written line: the part was killed
@@ -487,16 +537,22 @@ def merge(out: str) -> int:
                           + " and ".join(f"--part {i}/{parts}" for i in missing) + " with the same options")
     header, _, first = loaded[1]
     for i, (h, _, d) in loaded.items():
-        if h != header or d["plan"] != first["plan"] or d["classes"] != first["classes"]:
-            raise SourceError(f"{os.path.join(out, part_journal(i, parts))}: part {i} was made with other options "
-                              f"or from another source listing than part 1; rerun it with part 1's options")
+        journal = os.path.join(out, part_journal(i, parts))
+        if h != header:
+            raise SourceError(f"{journal}: part {i} was made with other options than part 1; remove this journal "
+                              f"and run --part {i}/{parts} again with part 1's options ({_options_text(header)})")
+        if d["plan"] != first["plan"] or d["classes"] != first["classes"] or d.get("listing") != first.get("listing"):
+            raise SourceError(f"{journal}: part {i} was planned from another listing of the source than part 1 (it "
+                              f"changed between them); run every part again with the source as it is now (each "
+                              "keeps the shards that still match it), then --merge")
     by_name = {}
     for i, (_, recs, _) in loaded.items():
         for r in recs:
             path = os.path.join(out, r["shard"]["file"])
-            if not os.path.exists(path) or os.path.getsize(path) != r["shard"]["bytes"]:
-                raise SourceError(f"{path}: missing or of another size than part {i}'s journal says; run --part "
-                                  f"{i}/{parts} again")
+            for need in (path, index_name(path)):  # a shard without its DALI index is as unusable as none
+                if not os.path.exists(need) or (need == path and os.path.getsize(path) != r["shard"]["bytes"]):
+                    raise SourceError(f"{need}: missing or of another size than part {i}'s journal says; run "
+                                      f"--part {i}/{parts} again (it remakes only what is missing)")
             by_name[r["shard"]["file"]] = r
     opts = ShardOptions(**{**header["options"], "splits": tuple(header["options"]["splits"])})
     src = Source(first["root"], first["layout"], [tuple(c) for c in first["classes"]], unused=first["unused"])
@@ -514,10 +570,18 @@ def merge(out: str) -> int:
     run._write_manifest()
     for j in journals:
         os.remove(j)
+        if os.path.exists(j.rsplit(".", 1)[0] + ".lock"):
+            os.remove(j.rsplit(".", 1)[0] + ".lock")
     for split, recs in run.records.items():
         print(f"{split:5s}: {sum(r['samples'] for r in recs)} images in {len(recs)} shards")
     print(f"merged {parts} parts -> {os.path.join(out, MANIFEST)}")
     return 0
+
+
+def _options_text(header: dict) -> str:
+    o = header.get("options", {})
+    return ", ".join(f"{k} {o[k]}" for k in ("shard_samples", "size", "quality", "seed", "splits", "val_fraction")
+                     if k in o)
 
 
 def _pil_version() -> str:
@@ -538,7 +602,8 @@ def parse_args(argv):
     p.add_argument("--shard-samples", type=int, default=d.shard_samples, help="samples per shard (default: 1024)")
     p.add_argument("--size", type=int, default=d.size, help="px, shorter side and crop (default: 256)")
     p.add_argument("--keep-aspect", action="store_true", help="keep the aspect ratio: no central crop")
-    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality 1-95 (default: 90)")
+    p.add_argument("--quality", type=int, default=d.quality,
+                   help="JPEG quality 1-100 (default: 90; above 95 the files grow with little gain)")
     p.add_argument("--resample", choices=sorted(RESAMPLE), default=d.resample, help="resize filter (default: bicubic)")
     p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size before resizing")
     p.add_argument("--seed", type=int, default=d.seed, help="train shuffle seed (default: 0)")
@@ -546,7 +611,7 @@ def parse_args(argv):
     p.add_argument("--rehash", action="store_true",
                    help="on a rerun, keep a shard only if its source files' contents are unchanged (hashes them: "
                         "reads the source twice); by default a file counts as unchanged by path, size and mtime")
-    p.add_argument("--val-fraction", type=float, default=0.0,
+    p.add_argument("--val-fraction", type=float, default=None,
                    help="the Fall 2011 release only (it has no val split): hold out this share of each class as "
                         "val, chosen by --seed (0.5: the paper's half for training, half for testing)")
     p.add_argument("--part", default=None, metavar="I/N",
@@ -568,12 +633,12 @@ def parse_args(argv):
         if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
             p.error(f"--part takes I/N with 1 <= I <= N, not {a.part!r}")
         a.part = (int(m.group(1)), int(m.group(2)))
-    if a.val_fraction != 0.0 and not 0 < a.val_fraction < 1:  # NaN fails this too
-        p.error(f"--val-fraction must be in (0, 1), not {a.val_fraction}")
+    if a.val_fraction is not None and not 0 < a.val_fraction < 1:  # NaN fails this too; 0 holds out nothing
+        p.error(f"--val-fraction must be in (0, 1), not {a.val_fraction} (0.5: the paper's half for testing)")
     opts = ShardOptions(size=a.size, keep_aspect=a.keep_aspect, quality=a.quality, resample=a.resample,
                         draft=not a.no_draft, shard_samples=a.shard_samples, seed=a.seed, splits=splits,
                         layout=a.layout, any_class_names=a.any_class_names, allow_skips=a.allow_skips,
-                        val_fraction=a.val_fraction)
+                        val_fraction=a.val_fraction or 0.0)
     return a, opts
 
 
@@ -589,7 +654,11 @@ def canonical_command(src: str, opts: ShardOptions) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    with sigterm_as_interrupt():
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["--merge"]:
         if len(argv) != 2:
             print("make_shards: --merge takes the output directory alone: make_shards.py --merge OUT", file=sys.stderr)
@@ -623,10 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # writing OUT: disk full, no permission, an I/O error while flushing: a fault, not usage
         print(f"make_shards: {e.filename or a.out}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\nmake_shards: interrupted; the shards finished are kept in {a.out}, and the same command "
-              "finishes the job", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return stopped("make_shards", e, f"the shards finished are kept in {a.out}, and the same command "
+                                         "finishes the job")
 
 
 if __name__ == "__main__":

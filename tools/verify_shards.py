@@ -94,7 +94,7 @@ def _check_index(idx_path: str, tar_path: str, data: bytes) -> list[str]:
             name, _ = member_at(data, off)  # the ustar header before the data names the member
             if name != f"{e.key}.{ext}" or off + size > len(data):
                 return [f"{idx_path}: entry for {e.key}.{ext} does not point at that member of {tar_path}"]
-    with open(idx_path) as f:
+    with open(idx_path, encoding="utf-8") as f:
         if f.read() != index_text(entries):
             return [f"{idx_path}: not in canonical form"]
     return []

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         if evaluate.main(["--checkpoint", ckpt, "--shards", shards, "--devices", "cpu", "--json", report]
                          + (["--ten-crop"] if crop == "ten" else [])) != 0:
             return 1
-        results[crop] = json.load(open(report))
+        results[crop] = json.load(open(report, encoding="utf-8"))
     step("6. python -m model.predict on three validation images")
     images = sorted(glob.glob(os.path.join(src, "val", "*", "*.JPEG")))[::37][:3]
     predict.main(["--checkpoint", ckpt, *images])

@@ -108,18 +108,18 @@ def run_variant(shards: str, spec: str, name: str, batch: int, a, num_classes: i
             *VARIANTS[name]]
     records = []
     if a.reuse and os.path.exists(metrics):
-        with open(metrics) as f:
+        with open(metrics, encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
     if sum(r["kind"] == "epoch" for r in records) != a.epochs:
         shutil.rmtree(run, ignore_errors=True)
         print(f"--- {spec}: python -m model.train {' '.join(args)}", flush=True)
         rc = train.main(args)
-        with open(metrics) as f:
+        with open(metrics, encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
     else:
         rc = 0
         print(f"--- {spec}: reusing {run}", flush=True)
-    with open(os.path.join(run, "config.json")) as f:
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     steps = [r for r in records if r["kind"] == "step"]
     losses = [r["train_loss"] for r in steps]
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     report["setup"] = {"shards": a.shards, "epochs": a.epochs, "train_images": train_images,
                        "num_classes": num_classes, "probe_every": a.probe_every, "width": a.width, "window": WINDOW}
     print_table(runs, num_classes)
-    with open(os.path.join(a.out, "init_study.json"), "w") as f:
+    with open(os.path.join(a.out, "init_study.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     draw(runs, num_classes, os.path.join(a.out, "init_study.png"))
     print(f"numbers: {os.path.join(a.out, 'init_study.json')}; plot: {os.path.join(a.out, 'init_study.png')}")

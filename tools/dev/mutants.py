@@ -219,17 +219,17 @@ def main(argv=None) -> int:
         survivors = []
         for m in chosen:
             path = os.path.join(root, m.file)
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 original = f.read()
             if original.count(m.old) != 1:
                 print(f"mutants: {m.file}: the text of mutant {m.name!r} occurs {original.count(m.old)} times "
                       "(must be once); update the mutant", file=sys.stderr)
                 return 2
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(original.replace(m.old, m.new))
             t0 = time.perf_counter()
             rc = run_tests(root, m.tests)
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(original)
             verdict = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else f"error (pytest exit {rc})")
             if rc != 1:

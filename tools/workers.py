@@ -1,0 +1,34 @@
+"""The worker processes of the tools' pools (make_shards, compute_pca): they leave Ctrl-C and SIGTERM to
+the main process, which stops them, and the kernel ends them if that process dies however it dies."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def init_worker_signals(parent: int) -> None:
+    """In a worker: Ctrl-C is the main process's to handle (one line, not N tracebacks), and so is a
+    SIGTERM sent to the main process alone; a SIGTERM to the whole group ends the worker as usual."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with(parent)
+
+
+def die_with(parent: int) -> None:
+    """Linux: the kernel kills this worker when the main process dies, however it dies (a SIGKILL
+    gives it no chance to stop its workers): no orphan goes on working and holding the output pipes."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers end when they next find the pool gone
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def kill_workers(pool) -> None:
+    """Stop a ProcessPoolExecutor's workers now, not after their tasks (Ctrl-C, SIGTERM, a refusal)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to kill them
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)

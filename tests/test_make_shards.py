@@ -1088,3 +1088,157 @@ def test_an_ascii_locale_and_a_path_with_spaces_give_the_same_shards(sources, ma
     assert got["classes"][1:] == reference["classes"][1:]
     assert [s["sha256"] for s in got["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in reference["splits"]["train"]["shards"]]
+
+
+# ---------------------------------------------------------------- reliability round 4 (parts, caches, fall11)
+
+def _one_line(capsys, prog="make_shards"):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"{prog}: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_merge_refuses_parts_planned_from_different_listings(sources, tmp_path, capsys):
+    """An image deleted between part 1 and part 2: each part's shards are sound, but merged they would
+    hold some images twice and miss others. --merge refuses; the parts rerun against the source as it
+    is now merge into what one node makes of it."""
+    root = _copy_source(sources, tmp_path)
+    out = str(tmp_path / "out")
+    assert _part(root, out, 1, 2) == 0
+    os.remove(os.path.join(root, "train", "n91000002", "n91000002_1014.JPEG"))
+    assert _part(root, out, 2, 2) == 0
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    line = _one_line(capsys)
+    assert "part 2 was planned from another listing of the source than part 1" in line, line
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    assert _part(root, out, 1, 2) == 0 and make_shards.main(["--merge", out]) == 0
+    one = str(tmp_path / "one")
+    assert build_shards(root, one, "--shard-samples", "4") == 0
+    _same_dirs(out, one)
+
+
+def test_merge_refuses_parts_of_a_tar_replaced_between_them(fall11_sources, tmp_path, capsys):
+    root = str(tmp_path / "src")
+    shutil.copytree(fall11_sources["fall11-tar"][0], root)
+    out = str(tmp_path / "out")
+    assert _part(root, out, 1, 2, "--val-fraction", "0.5") == 0
+    tar = os.path.join(root, "fall11_whole.tar")
+    os.utime(tar, ns=(os.stat(tar).st_atime_ns, os.stat(tar).st_mtime_ns + 10**9))  # the same bytes, rewritten
+    assert _part(root, out, 2, 2, "--val-fraction", "0.5") == 0
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    assert "planned from another listing" in _one_line(capsys)
+
+
+def test_a_wrong_listing_cache_is_refused_not_trusted(fall11_sources, tmp_path, capsys):
+    """Two entries of the cached listing swapped (offset and size): an image would be packed under the
+    other's name and class. Each member's tar header is read with its bytes and must agree."""
+    root = fall11_sources["fall11-tar"][0]
+    out = str(tmp_path / "out")
+    assert _part(root, out, 1, 2, "--val-fraction", "0.5") == 0
+    cache = glob.glob(os.path.join(out, "_listing-*.npz"))[0]
+    with np.load(cache) as z:
+        columns = {k: z[k] for k in z.files}
+    last = len(columns["offsets"]) - 1  # the first synset's first image and the last synset's last
+    for k in ("offsets", "sizes"):
+        columns[k][[0, last]] = columns[k][[last, 0]]
+    with open(cache, "wb") as f:
+        np.savez(f, **columns)
+    capsys.readouterr()
+    assert _part(root, out, 2, 2, "--val-fraction", "0.5", "--allow-skips") == 2  # never skipped as undecodable
+    line = _one_line(capsys)
+    assert "the listing says" in line and "but the tar has the header of" in line and "_listing-*.npz" in line, line
+    os.remove(cache)
+    assert _part(root, out, 2, 2, "--val-fraction", "0.5") == 0  # listed from the headers again
+
+
+def test_synset_tars_beside_fall11_whole_tar_are_named_as_unused(fall11_sources, tmp_path, capsys):
+    root = str(tmp_path / "src")
+    shutil.copytree(fall11_sources["fall11-tar"][0], root)
+    shutil.copy(os.path.join(fall11_sources["fall11-tars"][0], sorted(
+        f for f in os.listdir(fall11_sources["fall11-tars"][0]) if f.endswith(".tar"))[0]), os.path.join(root, "n99999999.tar"))
+    out = str(tmp_path / "out")
+    assert make_shards.main([root, out, "--val-fraction", "0.5", "--workers", "1"]) == 0
+    unused = load_manifest(out)["unused"]
+    assert unused == [{"source": "n99999999.tar", "reason": "beside fall11_whole.tar, which is read instead"}]
+    assert "not used: 1" in capsys.readouterr().out
+
+
+def test_a_val_fraction_never_holds_out_a_whole_class_and_words_txt_missing_is_said(tmp_path, capsys):
+    """A synset of 1 image at --val-fraction 0.5 (round(0.5) = 1 of 1) keeps its image for training,
+    and says so; without words.txt the names are the wnids, and that is said too."""
+    root = tmp_path / "src"
+    for wnid, n in (("n00000001", 1), ("n00000002", 4)):
+        os.makedirs(root / wnid)
+        for k in range(n):
+            Image.new("RGB", (64, 64), (10 * k, 100, 200)).save(root / wnid / f"{wnid}_{k}.JPEG", "JPEG")
+    out = str(tmp_path / "out")
+    assert make_shards.main([str(root), out, "--val-fraction", "0.5", "--workers", "1", "--layout", "fall11"]) == 0
+    keys = _keys_by_split(out)
+    assert sorted(k for k in keys["train"] if k.startswith("n00000001")) == ["n00000001_0"]
+    assert len([k for k in keys["val"] if k.startswith("n00000002")]) == 2
+    err = capsys.readouterr().err
+    assert "1 synset(s) too small for --val-fraction 0.5 to leave an image for training keep one (n00000001: 1 image(s))" in err
+    assert "words.txt: not found; the class names are the wnids" in err
+    assert [c["name"] for c in load_manifest(out)["classes"]] == ["n00000001", "n00000002"]
+
+
+def test_the_same_part_twice_at_once_is_refused_in_one_line(sources, tmp_path, capsys):
+    import fcntl
+    root, out = sources["folder"][0], str(tmp_path / "out")
+    os.makedirs(out)
+    with open(os.path.join(out, "_progress.part-1-of-2.lock"), "w") as held:  # a live part 1 holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        assert _part(root, out, 1, 2) == 2
+        line = _one_line(capsys)
+        assert "another make_shards (pid 4242) is making part 1/2" in line, line
+        assert _part(root, out, 2, 2) == 0  # another part is not held up
+    assert _part(root, out, 1, 2) == 0 and make_shards.main(["--merge", out]) == 0
+    assert not glob.glob(os.path.join(out, "_progress*"))
+
+
+def test_merge_advice_works_and_a_missing_index_is_refused(sources, tmp_path, capsys):
+    root, out = sources["folder"][0], str(tmp_path / "out")
+    assert _part(root, out, 1, 2) == 0
+    assert make_shards.main([root, out, "--shard-samples", "4", "--workers", "1", "--part", "2/2", "--quality", "80"]) == 0
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    line = _one_line(capsys)
+    journal = os.path.join(out, make_shards.part_journal(2, 2))
+    assert f"{journal}: part 2 was made with other options than part 1; remove this journal" in line, line
+    assert _part(root, out, 2, 2) == 2  # rerunning it without removing the journal: says what works
+    assert "remove this journal to make the part again with these" in _one_line(capsys)
+    os.remove(journal)
+    assert _part(root, out, 2, 2) == 0
+    idx = sorted(glob.glob(os.path.join(out, "train-*.idx")))[1]
+    os.remove(idx)
+    capsys.readouterr()
+    assert make_shards.main(["--merge", out]) == 2
+    assert f"{idx}: missing" in _one_line(capsys)
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    assert _part(root, out, 2, 2) == 0 and _part(root, out, 1, 2) == 0  # the part that lost it remakes it
+    assert make_shards.main(["--merge", out]) == 0 and os.path.exists(idx)
+
+
+@pytest.mark.parametrize("args, needle", [(["--val-fraction", "0"], "--val-fraction must be in (0, 1), not 0.0"),
+                                          (["--quality", "101"], "--quality in 1..100")])
+def test_option_messages_say_what_was_given(sources, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit):
+        make_shards.main([sources["folder"][0], str(tmp_path / "out"), *args])
+    assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        make_shards.main(["--help"])
+    assert "JPEG quality 1-100" in capsys.readouterr().out
+
+
+def test_sigterm_ends_make_shards_with_143_and_one_line(sources, tmp_path):
+    root = sources["folder"][0]
+    out = str(tmp_path / "out")
+    proc, _ = _start_make_shards(root, out, workers=1, shard_samples=2, wait_for_shards=2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "make_shards: terminated (SIGTERM); the shards finished are kept" in err and "Traceback" not in err

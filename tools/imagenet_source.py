@@ -529,8 +529,9 @@ def _read_fall11(root: str, splits, val_fraction: float, seed: int) -> Source:
     if os.path.exists(whole):
         samples = _tar_of_tars(whole, FALL11_TAR)
         for name in sorted(os.listdir(root)):  # never read beside it: named, so no synset goes without a word
-            if name not in (FALL11_TAR, WORDS) and not name.startswith(".") and not name.startswith(FALL11_TAR):
-                _listing.skip(os.path.join(root, name), f"beside {FALL11_TAR}, which is read instead")
+            path = os.path.join(root, name)
+            if name != FALL11_TAR and not name.startswith(".") and (name.endswith(".tar") or os.path.isdir(path)):
+                _listing.skip(path, f"beside {FALL11_TAR}, which is read instead")
     else:
         samples = []
         for name in sorted(os.listdir(root)):

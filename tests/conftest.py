@@ -4,6 +4,8 @@ Session-scoped, so the suite generates each dataset once (a few seconds in all).
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import tarfile
 
 import pytest
@@ -79,3 +81,39 @@ def tiny_shards(tmp_path_factory):
     from tools import compute_pca
     assert compute_pca.main([out, "--quiet"]) == 0
     return out
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 300 MB filesystem (tmpfs): full disks and read-only mounts as a user meets them, root or
+    not (root passes every permission check, so a chmod proves nothing there); skipped where this process
+    may not mount one (it needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip() or r.returncode})")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def make_read_only(mount: str) -> None:
+    """small_filesystem remounted read-only: EROFS for every writer, root included."""
+    subprocess.run(["mount", "-o", "remount,ro", mount], check=True, capture_output=True)
+
+
+def fill_up(mount: str) -> None:
+    """Fill a small_filesystem to its last byte (a file that grows until ENOSPC)."""
+    with open(os.path.join(mount, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass

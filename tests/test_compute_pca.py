@@ -5,12 +5,16 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tarfile_samples
+from conftest import fill_up, make_read_only, tarfile_samples
 from pipeline.shards import MANIFEST, ShardWriter, atomic_write, load_manifest, shard_name
 from tools import compute_pca
 
@@ -217,4 +221,85 @@ def test_a_killed_worker_ends_the_run_in_one_line(shards, tmp_path, capsys, monk
     assert compute_pca.main([out, "--workers", "2", "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"compute_pca: {out}: a worker process died (killed: out of memory?); no pca.json written"]
+    assert not os.path.exists(os.path.join(out, "pca.json"))
+
+
+SLOW_PCA = """import sys, time
+sys.path.insert(0, {repo!r})
+from tools import compute_pca
+real = compute_pca.shard_sums
+def slow(task):
+    time.sleep(60)
+    return real(task)
+compute_pca.shard_sums = slow  # the forked workers inherit it
+sys.exit(compute_pca.main(sys.argv[1:]))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                               (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_stops_compute_pca_and_its_workers_in_one_line(shards, tmp_path, sig, status, said):
+    """SIGTERM to the main process alone (a scheduler, `kill PID`) used to leave its pool's workers running
+    as orphans; Ctrl-C ended in a traceback. Now: one line, 143 or 130, no worker left, no pca.json."""
+    out = str(tmp_path / "s")
+    shutil.copytree(shards, out)
+    os.remove(os.path.join(out, "pca.json"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PCA.format(repo=repo), out, "--workers", "2", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(_children(proc.pid)) < 2:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "the workers never started"
+    time.sleep(0.3)  # past their start-up, into their (slowed) shards
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"compute_pca: {said}; no pca.json written; the same command starts again"], err
+    deadline = time.time() + 5
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.05)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}")], "a worker outlived compute_pca"
+    assert not os.path.exists(os.path.join(out, "pca.json"))
+
+
+@pytest.mark.parametrize("how", ["read_only", "full"])
+def test_a_read_only_or_full_filesystem_is_one_line_and_leaves_no_temporary(shards, small_filesystem, capsys, how):
+    out = os.path.join(small_filesystem, "s")
+    shutil.copytree(shards, out)
+    os.remove(os.path.join(out, "pca.json"))
+    if how == "read_only":
+        make_read_only(small_filesystem)
+        needle = f"compute_pca: {out}: cannot write (Read-only file system); no pca.json written"
+    else:
+        fill_up(small_filesystem)
+        needle = f"compute_pca: {out}/pca.json: cannot write (No space left on device); no pca.json written"
+    assert compute_pca.main([out, "--quiet", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not [f for f in os.listdir(out) if f.startswith("pca.json")]
+
+
+def test_one_colour_in_every_pixel_is_refused_not_written(tmp_path, capsys):
+    """std 0: the loader refuses such a pca.json and says to rerun compute_pca, which wrote it again."""
+    out = str(tmp_path / "flat")
+    _flat_colour_shards(out, np.array([[120, 120, 120]] * 8))
+    assert compute_pca.main([out, "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the training pixels give no usable PCA (std" in err[0], err
     assert not os.path.exists(os.path.join(out, "pca.json"))

@@ -616,21 +616,6 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_leaves_no_temporary_f
     assert checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A real 300 MB filesystem (tmpfs), where a 460 MB checkpoint cannot fit; skipped where this
-    process may not mount one (it needs root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip() or r.returncode})")
-    try:
-        yield str(mount)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.slow  # trains end to end
 def test_a_really_full_disk_at_a_checkpoint_is_one_line(tiny_shards, small_filesystem, capsys):
     """torch.save on a full filesystem raises a RuntimeError from its zip writer ('unexpected pos'),

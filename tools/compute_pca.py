@@ -37,8 +37,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import (MANIFEST, PCA_FILE, ShardError, atomic_write, iter_tar_samples, load_manifest,
-                             split_shards)
+from model.errors import command
+from pipeline.normalization import check_pca
+from pipeline.shards import (MANIFEST, PCA_FILE, ShardError, atomic_write, check_writable, iter_tar_samples,
+                             load_manifest, split_shards)
+from tools.workers import init_worker_signals, kill_workers
 
 # fb.resnet.torch's widely used ImageNet constants (pixels in [0, 1]); eigenvectors as columns there,
 # stored here as rows (one per eigenvalue) to match pca.json.
@@ -172,7 +175,8 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
                mininterval=1.0, dynamic_ncols=True)
     # A ProcessPoolExecutor, not a multiprocessing.Pool: a worker killed (out of memory, SIGKILL) fails
     # the run at once, where the Pool replaced it and waited for good for its shard's result.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=init_worker_signals, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(shard_sums, t) for t in tasks]
         try:
             for future in as_completed(futures):
@@ -184,6 +188,10 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
         except BrokenProcessPool:
             bar.close()
             raise WorkerDied(f"{out}: a worker process died (killed: out of memory?); no {PCA_FILE} written") from None
+        except (KeyboardInterrupt, ShardError):  # the workers ignore SIGINT: stop them now, not after their shards
+            bar.close()
+            kill_workers(pool)
+            raise
         finally:
             for f in futures:
                 f.cancel()
@@ -193,6 +201,11 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
     with open(os.path.join(out, MANIFEST), "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()
     result = pca_from_sums(totals)
+    try:  # the loader's own check: a file it would refuse is never written
+        check_pca(result)
+    except ValueError as e:
+        raise ShardError(f"{out}: the training pixels give no usable PCA ({e}; a channel with one value in every "
+                         f"pixel?); no {PCA_FILE} written: the lighting augmentation needs varied images") from None
     result.update({"pixels": int(totals[0]), "images": images, "max_images": max_images,
                    "source": {"file": MANIFEST, "sha256": source}, "units": "RGB in [0, 1]",
                    "sign_convention": "largest-magnitude component of each eigenvector is positive"})
@@ -215,6 +228,7 @@ def _fmt(v) -> str:
     return "[" + ", ".join(f"{x:7.4f}" for x in v) + "]"
 
 
+@command("compute_pca", f"no {PCA_FILE} written; the same command starts again")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="shard directory made by make_shards.py")
@@ -225,16 +239,22 @@ def main(argv=None) -> int:
     if a.workers < 1 or (a.max_images is not None and a.max_images < 1):
         p.error("--workers and --max-images must be >= 1")
     t0 = time.time()
+    path = os.path.join(a.out, PCA_FILE)
     try:
+        if os.path.isdir(a.out):  # before the pass over every image, not after
+            check_writable(path)
         result = compute(a.out, a.workers, a.max_images, progress=not a.quiet)
+        atomic_write(path, json.dumps(result, indent=1, sort_keys=True).encode() + b"\n")
     except ShardError as e:
         print(f"compute_pca: {e}", file=sys.stderr)
         return 2
     except WorkerDied as e:
         print(f"compute_pca: {e}", file=sys.stderr)
         return 1
-    path = os.path.join(a.out, PCA_FILE)
-    atomic_write(path, json.dumps(result, indent=1, sort_keys=True).encode() + b"\n")
+    except OSError as e:  # a read-only or full filesystem: one line, and no temporary file left
+        print(f"compute_pca: {e.filename or path}: cannot write ({e.strerror or e}); no {PCA_FILE} written",
+              file=sys.stderr)
+        return 1
     if not a.quiet:
         dt = time.time() - t0
         print(f"{result['images']} images, {result['pixels']} pixels in {dt:.1f} s "

@@ -28,7 +28,9 @@ def die_with(parent: int) -> None:
 
 
 def kill_workers(pool) -> None:
-    """Stop a ProcessPoolExecutor's workers now, not after their tasks (Ctrl-C, SIGTERM, a refusal)."""
+    """Stop a ProcessPoolExecutor's workers now, not after their tasks (Ctrl-C, SIGTERM, a refusal). The
+    pool's own thread then fails every pending future as broken; no future may be cancelled first (that
+    thread's set_exception on a cancelled future is an InvalidStateError traceback), so this waits for it."""
     for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to kill them
         process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool.shutdown(wait=True)

@@ -225,6 +225,17 @@ def check_classes(path: str, ckpt: dict, manifest: dict, shards: str) -> None:
         i = next(i for i, (a, b) in enumerate(zip(ckpt["wnids"], wnids)) if a != b)
         raise UsageError(f"{path}: was trained on other classes than {shards} has (class {i}: "
                          f"{ckpt['wnids'][i]} in the checkpoint, {wnids[i]} in the shards)")
+    trained, here = ckpt.get("preprocessing") or {}, manifest.get("preprocessing") or {}
+    differ = [k for k in PREPROCESSING_SEEN if k in trained and trained[k] != here.get(k)]
+    if differ:  # a 320-px or uncropped image gives the model crops of another scale than it learned
+        raise UsageError(f"{path}: was trained on shards made with "
+                         f"{', '.join(f'{k} {trained[k]}' for k in differ)}; {shards} has "
+                         f"{', '.join(f'{k} {here.get(k)}' for k in differ)}: make the shards as the training ones "
+                         "were (make_shards.py --size, --keep-aspect)")
+
+
+# What make_shards did to an image that changes what a crop of it shows (not quality or the resize filter).
+PREPROCESSING_SEEN = ("size", "keep_aspect")
 
 
 def load_matching(model, parent: dict, path: str) -> dict:

@@ -49,15 +49,24 @@ def stopped(prog: str, e: KeyboardInterrupt, hint: str = "") -> int:
 
 
 def command(prog: str, hint: str = ""):
-    """A command's main(): Ctrl-C and SIGTERM end it with one line and 130 or 143, never a traceback
-    (and never exit 0, which an atexit handler's complaint after a stray KeyboardInterrupt could leave)."""
+    """A command's main(): whatever stops it midway is one line and a non-zero status, never a traceback:
+    Ctrl-C and SIGTERM 130 and 143 (never exit 0, which an atexit handler's complaint after a stray
+    KeyboardInterrupt could leave), a damaged shard met mid-work (ShardError) and a file that cannot be
+    written (OSError) 1. What main() checks before its work it reports itself, with status 2."""
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs):
+            from pipeline.shards import ShardError  # neither torch nor DALI: cheap for every tool
             with sigterm_as_interrupt():
                 try:
                     return main(*args, **kwargs)
                 except KeyboardInterrupt as e:
                     return stopped(prog, e, hint)
+                except ShardError as e:
+                    print(f"{prog}: {e}", file=sys.stderr)
+                    return 1
+                except OSError as e:
+                    print(f"{prog}: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+                    return 1
         return run
     return wrap

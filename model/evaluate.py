@@ -26,11 +26,11 @@ import torch
 
 from model.checkpoint import check_classes, load_checkpoint, load_model
 from model.devices import parse_devices
-from model.errors import UsageError
+from model.errors import UsageError, command
 from model.evaluation import Ensemble, batch_probs, open_manifest, open_val, percent, summarize
 from pipeline import BACKENDS
 from pipeline.normalization import Normalization
-from pipeline.shards import ShardError
+from pipeline.shards import ShardError, atomic_write, check_writable
 
 
 # What decides an evaluation batch's numbers (no lighting, so neither the eigenbasis nor the training
@@ -43,10 +43,15 @@ def check_ensemble(paths: list[str], shards: str) -> tuple[dict, dict]:
     first's, one checkpoint in memory at a time; UsageError naming the first that differs. Returns
     the first checkpoint (without its tensors) and the shards' manifest."""
     first = manifest = None
+    seen = {}  # digest -> the first path naming it: one model under two names (./A, a link) would weigh twice
     for path in paths:
         if not os.path.exists(path):
             raise UsageError(f"{path}: no such checkpoint")
         ckpt = load_checkpoint(path)
+        if ckpt["digest"] in seen:
+            raise UsageError(f"{path}: is the same checkpoint as {seen[ckpt['digest']]} (the same digest); it "
+                             "would weigh twice in the ensemble")
+        seen[ckpt["digest"]] = path
         if manifest is None:  # after the first checkpoint's own check: a damaged file is named first
             manifest = open_manifest(shards)
         check_classes(path, ckpt, manifest, shards)
@@ -82,6 +87,7 @@ def evaluate_models(paths: list[str], loader, device: str, num_classes: int, cro
     return ensemble, models
 
 
+@command("evaluate", "no result written")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -105,8 +111,11 @@ def main(argv=None) -> int:
             raise UsageError(f"--batch-size must be >= 1, not {a.batch_size}")
         if a.backend not in BACKENDS or a.backend == "synthetic":  # synthetic batches measure nothing
             raise UsageError(f"--backend must be one of dali, wds, auto, not {a.backend!r}")
-        if len(set(a.checkpoint)) != len(a.checkpoint):
-            raise UsageError("--checkpoint: the same checkpoint twice would weigh it twice in the ensemble")
+        if a.json:
+            try:  # a real write: root passes os.access on a read-only mount
+                check_writable(a.json)
+            except OSError as e:
+                raise UsageError(f"--json {a.json}: cannot write there ({e.strerror})") from None
         device = parse_devices(a.devices)[0]
         first, manifest = check_ensemble(a.checkpoint, a.shards)
         loader = open_val(a.shards, batch_size=a.batch_size, device=device, crop="ten" if a.ten_crop else "center",
@@ -129,11 +138,8 @@ def main(argv=None) -> int:
         print(f"ensemble of {len(models)} (softmax averaged), {crop} crop, {result['val_samples']} val images: "
               f"top-1 error {percent(result['val_top1_error'])}, top-5 error {percent(result['val_top5_error'])}")
     print(f"(chance: {100 * chance:.1f}% top-1)")
-    if a.json:
-        tmp = f"{a.json}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, a.json)
+    if a.json:  # an OSError here (the disk filled meanwhile) is one line (command)
+        atomic_write(a.json, json.dumps(result, indent=1).encode(), fsync=False)
     return 0
 
 

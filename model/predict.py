@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_model
 from model.devices import parse_devices
-from model.errors import UsageError
+from model.errors import UsageError, command
 from pipeline.images import shard_image
 from pipeline.normalization import Normalization
 from pipeline.plan import crop
@@ -46,6 +46,7 @@ def preprocess(path: str, norm: Normalization, preprocessing: dict | None = None
     return torch.from_numpy(norm.apply(crop(img, 0.5, 0.5, flip=False)))
 
 
+@command("predict")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

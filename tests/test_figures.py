@@ -161,3 +161,79 @@ def test_the_figure_shows_the_queried_images_with_their_classes(small_run, tiny_
         assert caption == names[int(sample["cls"])]
         assert np.abs(query.astype(np.float64) - image).mean() < 2.0  # two JPEG decoders, ~1 grey level apart
     assert len(drawn["rows"]) == 5
+
+
+def _flipped_shards(tiny_shards: str, tmp_path, split: str) -> str:
+    """A copy of the tiny shards with one byte of a shard flipped (its sha256 then differs)."""
+    import shutil
+    out = str(tmp_path / f"flipped-{split}")
+    shutil.copytree(tiny_shards, out)
+    path = os.path.join(out, f"{split}-000000.tar")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("tool", ["show_predictions", "neighbours"])
+def test_a_damaged_shard_met_mid_work_is_one_line(small_run, tiny_shards, tmp_path, capsys, tool):
+    """It was a ShardError traceback of ~60 lines (evaluate and show_batch gave one line)."""
+    split = "val" if tool == "show_predictions" else "train"
+    shards = _flipped_shards(tiny_shards, tmp_path, split)
+    main = {"show_predictions": show_predictions.main, "neighbours": neighbours.main}[tool]
+    args = [small_run, shards, str(tmp_path / "x.png")]
+    if tool == "neighbours":
+        args += ["--features", str(tmp_path / "f.f16")]
+    assert main(args) == 1
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if f"{split}-000000.tar" in line]
+    assert "Traceback" not in stderr and len(err) == 1 and err[0].startswith(f"{tool}: ") and "sha256" in err[0], err
+    assert not os.path.exists(str(tmp_path / "x.png"))
+
+
+def test_show_filters_writes_the_format_its_file_names(small_run, tmp_path):
+    """out.jpg used to get PNG bytes under its name."""
+    for name, magic in (("f.jpg", b"\xff\xd8\xff"), ("f.png", b"\x89PNG")):
+        out = str(tmp_path / name)
+        assert show_filters.main([small_run, out]) == 0
+        assert open(out, "rb").read(len(magic)) == magic, name
+    assert show_filters.main([small_run, str(tmp_path / "f.xyz")]) == 2
+
+
+def test_figure_and_json_outputs_on_a_read_only_mount_are_refused_before_the_work(small_run, tiny_shards,
+                                                                                     small_filesystem, capsys):
+    """On a read-only filesystem even root cannot write: asked first, by a real write, not after an
+    evaluation or a drawing (os.access says yes to root there)."""
+    from conftest import make_read_only
+    from model import evaluate
+    from tools import show_batch
+    make_read_only(small_filesystem)
+    assert evaluate.main(["--checkpoint", small_run, "--shards", tiny_shards, "--devices", "cpu",
+                          "--json", os.path.join(small_filesystem, "x.json")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write there (Read-only file system)" in captured.err and "val images" not in captured.out
+    with pytest.raises(SystemExit) as e:
+        show_batch.main([tiny_shards, os.path.join(small_filesystem, "x.png")])
+    assert e.value.code == 2 and "(Read-only file system)" in capsys.readouterr().err
+    assert show_predictions.main([small_run, tiny_shards, os.path.join(small_filesystem, "x.png")]) == 2
+    assert "(Read-only file system)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop, status, said", [(KeyboardInterrupt, 130, "interrupted"),
+                                                ("terminated", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_during_evaluate_is_one_line_and_not_exit_0(small_run, tiny_shards, tmp_path, capsys,
+                                                                      monkeypatch, stop, status, said):
+    from model import errors, evaluate
+    exc = errors.Terminated if stop == "terminated" else KeyboardInterrupt
+
+    def interrupted(*args, **kwargs):
+        raise exc()
+        yield  # a generator, as batch_probs is
+
+    monkeypatch.setattr(evaluate, "batch_probs", interrupted)
+    report = str(tmp_path / "r.json")
+    assert evaluate.main(["--checkpoint", small_run, "--shards", tiny_shards, "--devices", "cpu",
+                          "--json", report]) == status
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"evaluate: {said}; no result written"], err
+    assert not os.path.exists(report)

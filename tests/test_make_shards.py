@@ -1242,3 +1242,11 @@ def test_sigterm_ends_make_shards_with_143_and_one_line(sources, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "make_shards: terminated (SIGTERM); the shards finished are kept" in err and "Traceback" not in err
+
+
+def test_verify_names_a_stray_shard_the_manifest_does_not_list(made, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(made["folder"], out)
+    shutil.copy(os.path.join(out, "train-000000.tar"), os.path.join(out, "train-000099.tar"))
+    assert verify_shards.verify(out) == [f"{out}/train-000099.tar: a shard file that dataset.json does not list "
+                                         "(of another run?); remove it"]

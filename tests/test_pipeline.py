@@ -532,7 +532,7 @@ def test_a_rotated_index_label_column_is_refused(shards, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--exaggerate", "nan"], "--exaggerate a finite number >= 0"),
-    (["OUT_IN_MISSING_DIR"], "its directory does not exist"),
+    (["OUT_IN_MISSING_DIR"], "b.png: its directory"),
     (["--seed", "-1"], "--seed must be in [0, 2^63)"),
 ])
 def test_show_batch_refuses_before_drawing(shards, tmp_path, capsys, args, needle):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -105,9 +106,15 @@ def test_ensemble_refuses_other_classes_or_inputs_before_any_work(runs, tiny_sha
     ckpt["normalization"]["mode"] = "std"
     ckpt["digest"] = checkpoint.checkpoint_digest(ckpt)
     torch.save(ckpt, other_norm)
+    link, copy = str(tmp_path / "link.pt"), str(tmp_path / "copy.pt")
+    os.symlink(runs["a"], link)
+    shutil.copy(runs["a"], copy)
+    dotted = os.path.join(os.path.dirname(runs["a"]), ".", os.path.basename(runs["a"]))
     cases = [([runs["a"], runs["pre"]], "has 10 classes, the shards have 4"),
              ([runs["a"], other_norm], "was trained with another input normalization than"),
-             ([runs["a"], runs["a"]], "the same checkpoint twice")]
+             # one model under two names would weigh twice: by its digest, not its path's string
+             ([runs["a"], runs["a"]], "is the same checkpoint as"), ([runs["a"], dotted], "is the same checkpoint as"),
+             ([runs["a"], link], "is the same checkpoint as"), ([runs["b"], copy, runs["a"]], "is the same checkpoint as")]
     for paths, needle in cases:
         report = str(tmp_path / "never.json")
         assert evaluate.main(["--checkpoint", *paths, "--shards", tiny_shards, "--devices", "cpu",
@@ -134,3 +141,20 @@ def test_init_from_refuses_a_bad_parent(runs, tiny_shards, tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
         assert len(err) == 1 and needle in err[0], err
         assert not os.path.exists(out)  # nothing written
+
+
+@pytest.mark.parametrize("edit, needle", [({"size": 320}, "made with size 256; {shards} has size 320"),
+                                          ({"keep_aspect": True}, "made with keep_aspect False; {shards} has keep_aspect True")])
+def test_evaluate_refuses_shards_made_another_way_than_the_training_ones(runs, tiny_shards, tmp_path, capsys, edit,
+                                                                         needle):
+    """A model trained on 256-px centre squares sees crops of another scale on 320-px or uncropped shards:
+    its error there says nothing. The checkpoint keeps how its shards were made."""
+    shards = str(tmp_path / "other")
+    shutil.copytree(tiny_shards, shards)
+    manifest_path = os.path.join(shards, "dataset.json")
+    manifest = json.load(open(manifest_path))
+    manifest["preprocessing"].update(edit)
+    open(manifest_path, "w").write(json.dumps(manifest))
+    assert evaluate.main(["--checkpoint", runs["a"], "--shards", shards, "--devices", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: ")]
+    assert len(err) == 1 and needle.format(shards=shards) in err[0], err

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.errors import UsageError
+from model.errors import UsageError, command
 from tools.figures import check_out, open_model, save
 
 HEADER_BYTES = 4096  # the feature file's JSON header, padded; the float16 rows follow
@@ -157,6 +157,7 @@ def draw(rows: list[tuple[np.ndarray, str, list[tuple[np.ndarray, str]]]], path:
     save(fig, path)
 
 
+@command("neighbours")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="RUN/checkpoint.pt of model.train")
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--max-train must be >= 0 (0: all), not {a.max_train}")
         check_out(a.out)
         features_path = a.features or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), FEATURES_FILE)
-        check_out(features_path)
+        check_out(features_path, image=False)
         device = parse_devices(a.devices)[0]
         model, ckpt, manifest = open_model(a.checkpoint, a.shards, device)
         norm = ckpt["normalization"]

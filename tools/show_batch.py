@@ -23,6 +23,7 @@ import numpy as np
 from pipeline import make_loader, plan
 from pipeline.normalization import Normalization
 from pipeline.shards import ShardError, load_manifest
+from model.errors import command
 
 
 def batch_tiles(shards: str, split: str = "train", crop: str = "random", batch_size: int = 16,
@@ -84,6 +85,7 @@ def draw(tiles: list[tuple[np.ndarray, str]], path: str, title: str, columns: in
     os.replace(tmp, path)  # no half-drawn OUT.png
 
 
+@command("show_batch")
 def main(argv=None) -> int:
     from model.recipes import RECIPES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -105,8 +107,12 @@ def main(argv=None) -> int:
         p.error("--batch-size must be in 1..1024 and --exaggerate a finite number >= 0")
     if not 0 <= a.seed < 2 ** 63:
         p.error(f"--seed must be in [0, 2^63), not {a.seed}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(a.out))) or os.path.isdir(a.out):
-        p.error(f"{a.out}: its directory does not exist, or it is a directory (checked before drawing)")
+    from tools.figures import check_out
+    from model.errors import UsageError
+    try:  # before drawing: the directory exists, can be written (a real write) and the format is known
+        check_out(a.out)
+    except UsageError as e:
+        p.error(str(e))
     lighting = RECIPES[a.recipe].lighting
     try:
         load_manifest(a.shards)  # "no such shard directory" before any advice about pca.json

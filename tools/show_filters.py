@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from model.errors import UsageError
+from model.errors import UsageError, command
 from tools.figures import check_out, open_model, save
 
 
@@ -68,6 +68,7 @@ def draw(kernels: np.ndarray, path: str, title: str, shares: tuple[float, float]
     save(fig, path)
 
 
+@command("show_filters")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="RUN/checkpoint.pt of model.train")

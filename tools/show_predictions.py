@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from model.errors import UsageError
+from model.errors import UsageError, command
 from tools.figures import check_out, open_model, save
 
 
@@ -73,6 +73,7 @@ def draw(pixels: np.ndarray, rows: list[dict], path: str, title: str, columns: i
     save(fig, path)
 
 
+@command("show_predictions")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="RUN/checkpoint.pt of model.train")

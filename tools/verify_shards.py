@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 
 if __package__ in (None, ""):
@@ -23,8 +24,9 @@ if __package__ in (None, ""):
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import (MANIFEST, ShardError, index_text, iter_tar_samples, load_manifest, member_at,
-                             read_index, split_shards)
+from model.errors import command
+from pipeline.shards import (MANIFEST, ShardError, index_name, index_text, iter_tar_samples, load_manifest,
+                             member_at, read_index, split_shards)
 
 
 def verify(out: str, decode: bool = True, progress: bool = False) -> list[str]:
@@ -78,6 +80,12 @@ def verify(out: str, decode: bool = True, progress: bool = False) -> list[str]:
         elif info["samples"] == 0:
             problems.append(f"{os.path.join(out, MANIFEST)}: split {split} has no samples")
     bar.close()
+    listed = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
+    listed |= {index_name(f) for f in listed}
+    for name in sorted(os.listdir(out)):  # a consumer that globs train-*.tar would read a stray shard too
+        if re.fullmatch(r"(train|val)-\d{6}\.(tar|idx)", name) and name not in listed:
+            problems.append(f"{os.path.join(out, name)}: a shard file that {MANIFEST} does not list (of another "
+                            "run?); remove it")
     return problems
 
 
@@ -131,6 +139,7 @@ def _check_sample(path, key, sample, wnid_of, size, keep_aspect, decode) -> list
     return problems
 
 
+@command("verify_shards")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="shard directory")

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -191,9 +192,18 @@ def checkpoint_to_resume(path: str, resume: bool, recipe_name: str, recipe: dict
     checkpoint = load_checkpoint(path)
     saved_recipe, saved_name = checkpoint["recipe"], checkpoint["recipe_name"]
     differ = sorted(k for k, v in recipe.items() if k not in RESUME_MAY_CHANGE_RECIPE and saved_recipe.get(k) != v)
-    differ += ["recipe"] * (saved_name != recipe_name) + ["seed"] * (checkpoint["config"]["seed"] != seed)
-    if differ:
-        raise UsageError(f"{path}: was made with other settings ({', '.join(differ)}); resume with the same ones")
+    follows = ""
+    if "batch_size" in differ:  # lr_batch is always the batch, and lr follows it by the step-per-image rule
+        old, new = saved_recipe["batch_size"], recipe["batch_size"]
+        derived = ["lr_batch"] + ["lr"] * math.isclose(recipe["lr"] * old, saved_recipe["lr"] * new, rel_tol=1e-12)
+        differ = [k for k in differ if k not in derived]
+        follows = f" ({' and '.join(sorted(derived))} follow{'s' * (len(derived) == 1)} the batch)"
+    said = [f"{k} {saved_recipe.get(k)}, now {recipe[k]}" for k in differ]
+    said += [f"recipe {saved_name}, now {recipe_name}"] * (saved_name != recipe_name)
+    said += [f"seed {checkpoint['config']['seed']}, now {seed}"] * (checkpoint["config"]["seed"] != seed)
+    if said:
+        raise UsageError(f"{path}: was made with other settings ({'; '.join(said)}{follows}); resume with the "
+                         "same ones")
     if checkpoint["dataset"] != dataset:
         raise UsageError(f"{path}: was trained on another shard set (its dataset.json differs from "
                          f"{os.path.join(shards, MANIFEST)})")
@@ -238,10 +248,12 @@ def check_classes(path: str, ckpt: dict, manifest: dict, shards: str) -> None:
 PREPROCESSING_SEEN = ("size", "keep_aspect")
 
 
-def load_matching(model, parent: dict, path: str) -> dict:
+def load_matching(model, parent: dict, path: str, wnids: list[str] | None = None) -> dict:
     """Into `model`, every canonical tensor of the checkpoint `parent` whose name and shape match; the
-    rest keep their initialisation. Returns config.json's record of it (by layer); UsageError if no
-    layer matches."""
+    rest keep their initialisation. fc8's rows are classes: where its shape matches but the classes
+    differ (wnids renamed or reordered), each row comes from the parent's row of the same wnid, and a class
+    the parent lacks keeps its initialised row. Returns config.json's record of it (by layer); UsageError
+    if no layer matches."""
     from model.alexnet import canonical_state, load_canonical
     own, theirs = canonical_state(model), parent["model"]
     loaded = {k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)}
@@ -249,7 +261,22 @@ def load_matching(model, parent: dict, path: str) -> dict:
     kept = [layer for layer in layers if all(k in loaded for k in own if k.rsplit(".", 1)[0] == layer)]
     if not kept:
         raise UsageError(f"{path}: has no layer of this model's shape; nothing to start from")
-    load_canonical(model, {**own, **{k: theirs[k] for k in loaded if k.rsplit(".", 1)[0] in kept}})
-    return {"path": os.path.abspath(path), "digest": parent["digest"], "loaded": kept,
-            "initialised": [layer for layer in layers if layer not in kept],
-            "parent_classes": len(parent.get("wnids", [])), "parent_step": parent.get("step")}
+    state = {**own, **{k: theirs[k] for k in loaded if k.rsplit(".", 1)[0] in kept}}
+    record = {"path": os.path.abspath(path), "digest": parent["digest"], "loaded": kept,
+              "initialised": [layer for layer in layers if layer not in kept],
+              "parent_classes": len(parent.get("wnids", [])), "parent_step": parent.get("step")}
+    parent_wnids = parent.get("wnids")
+    if "fc8" in kept and wnids is not None and parent_wnids is not None and list(parent_wnids) != list(wnids):
+        row_of = {w: j for j, w in enumerate(parent_wnids)}
+        rows = [(i, row_of[w]) for i, w in enumerate(wnids) if w in row_of]
+        for k in ("fc8.weight", "fc8.bias"):
+            t = own[k].clone()
+            for i, j in rows:
+                t[i] = theirs[k][j]
+            state[k] = t
+        record["fc8_rows"] = {"by": "wnid", "from_parent": len(rows), "initialised": len(wnids) - len(rows)}
+        if len(rows) < len(wnids):
+            record["loaded"] = [layer for layer in kept if layer != "fc8"]
+            record["initialised"] = sorted(record["initialised"] + ["fc8"])
+    load_canonical(model, state)
+    return record

@@ -47,6 +47,9 @@ class TrainConfig:
                             "initialised by the recipe; a fresh optimizer, schedule and loader")
 
 
+MAX_LOADER_THREADS = 256  # per rank; beyond it DALI's thread pool aborts ("terminate called ...", exit 134)
+
+
 def resolve_recipe(cfg: TrainConfig) -> Recipe:
     try:
         recipe = resolve(cfg.recipe, cfg.overrides)
@@ -66,8 +69,8 @@ def check_run_options(cfg: TrainConfig, recipe: Recipe, world: int) -> None:
         raise UsageError(f"--log-every must be >= 1, not {cfg.log_every}")
     if not 0 <= cfg.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2^63), not {cfg.seed}")
-    if cfg.loader_threads < 0:
-        raise UsageError(f"--loader-threads must be >= 0 (0: all cores), not {cfg.loader_threads}")
+    if not 0 <= cfg.loader_threads <= MAX_LOADER_THREADS:  # DALI aborts the process on a count it cannot start
+        raise UsageError(f"--loader-threads must be in 0..{MAX_LOADER_THREADS} (0: all cores), not {cfg.loader_threads}")
     if cfg.intra_op_threads < 0:
         raise UsageError(f"--intra-op-threads must be >= 0 (0: usable cores / local processes), "
                          f"not {cfg.intra_op_threads}")

@@ -105,12 +105,22 @@ def setup(cfg: TrainConfig) -> Run:
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint = checkpoint_to_resume(ckpt_path, cfg.resume, cfg.recipe, asdict(recipe), cfg.seed, dataset,
                                       cfg.shards)
+    if checkpoint is not None:
+        check_resumed_parent(cfg, checkpoint, ckpt_path)
     parent = load_checkpoint(cfg.init_from) if cfg.init_from and checkpoint is None else None
+    if parent is not None:
+        check_parent_input(cfg.init_from, parent, recipe)
     run, pca_changed = build_run(cfg, recipe, rank, world, devices, dataset, ckpt_path, checkpoint)
     run.threads = threads
     if parent is not None:  # a new run from another run's weights: the matching layers, the rest as initialised
-        run.init_from = load_matching(run.model, parent, cfg.init_from)
+        wnids = [c["wnid"] for c in run.train_loader.manifest["classes"]]
+        run.init_from = load_matching(run.model, parent, cfg.init_from, wnids)
         del parent
+        rows = run.init_from.get("fc8_rows")
+        if rows and run.main:
+            print(f"train: --init-from {cfg.init_from}: its classes differ from these shards': fc8 rows follow the "
+                  f"wnids, {rows['from_parent']} from the parent and {rows['initialised']} initialised",
+                  file=sys.stderr, flush=True)
     if checkpoint is not None:
         restore(run, checkpoint)
     else:
@@ -129,6 +139,25 @@ def setup(cfg: TrainConfig) -> Run:
               f"{type(run.train_loader).__name__}, {threads} intra-op thread(s) a process ({threads_why}) "
               f"-> {cfg.out}", flush=True)
     return run
+
+
+def check_resumed_parent(cfg: TrainConfig, checkpoint: dict, ckpt_path: str) -> None:
+    """--init-from on a resume must name the parent the run started from (a scheduler repeats the whole
+    command); any other parent is refused: a resumed run's weights are the checkpoint's, not a parent's."""
+    record = checkpoint.get("init_from")
+    if cfg.init_from and (record is None or os.path.abspath(cfg.init_from) != record["path"]):
+        started = f"started from {record['path']}" if record else "did not start from --init-from"
+        raise UsageError(f"{ckpt_path}: --resume continues a run that {started}; --init-from {cfg.init_from} "
+                         "cannot apply to it (drop --init-from, or choose another --out for a new run)")
+
+
+def check_parent_input(path: str, parent: dict, recipe: Recipe) -> None:
+    """A parent trained on inputs of another normalization would start from weights tuned to another input
+    scale (0-255 minus the mean against unit variance: ~60x): refused, as an ensemble of such models is."""
+    mode = parent.get("normalization", {}).get("mode")
+    if mode is not None and mode != recipe.input_norm:
+        raise UsageError(f"{path}: was trained on input '{mode}', this run's recipe gives '{recipe.input_norm}'; "
+                         f"pass --input-norm {mode} to fine-tune it on the inputs it learned from")
 
 
 def check_shards(shards: str) -> str:
@@ -198,6 +227,7 @@ def restore(run: Run, checkpoint: dict) -> None:
     rngs = checkpoint["rng"]
     set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0])
     run.stall_checked = checkpoint.get("stall_checked", False)
+    run.init_from = checkpoint.get("init_from")  # a fine-tuned run stays one in config.json after a resume
 
 
 def open_run_dir(run: Run, resume_at: tuple[int, int] | None) -> None:
@@ -253,6 +283,7 @@ def save_checkpoint(run: Run, epoch: int) -> None:
                  "wnids": [c["wnid"] for c in manifest["classes"]],
                  "normalization": run.norm.as_dict(), "dataset": run.dataset, "stall_checked": run.stall_checked,
                  "preprocessing": manifest["preprocessing"],  # predict prepares an image as make_shards did
+                 "init_from": run.init_from,
                  "shards": os.path.abspath(run.cfg.shards)}
     ckpt["digest"] = checkpoint_digest(ckpt)
     try:

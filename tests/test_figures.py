@@ -107,6 +107,13 @@ def test_features_are_stored_reused_and_rebuilt(small_run, tiny_shards, tmp_path
     stored = np.array(neighbours.open_features(feats, header))
     assert neighbours.main([small_run, *args]) == 0
     assert "reusing" in capsys.readouterr().err
+    # 4,000 bytes of rows overwritten (the header intact): found by the rows' sha256, made again, as before
+    with open(feats, "r+b") as f:
+        f.seek(neighbours.HEADER_BYTES + 1000)
+        f.write(b"\x7f" * 4000)
+    assert neighbours.main([small_run, *args]) == 0
+    assert "rebuilding: its rows do not match their sha256: damaged" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.array(neighbours.open_features(feats, neighbours.read_header(feats))), stored)
     # another checkpoint (one weight changed): the features are made again, and differ
     ckpt = torch.load(small_run, weights_only=False)
     ckpt["model"]["fc7.weight"][0] += 1.0

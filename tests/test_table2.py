@@ -158,3 +158,68 @@ def test_evaluate_refuses_shards_made_another_way_than_the_training_ones(runs, t
     assert evaluate.main(["--checkpoint", runs["a"], "--shards", shards, "--devices", "cpu"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: ")]
     assert len(err) == 1 and needle.format(shards=shards) in err[0], err
+
+
+def _relabelled_shards(tiny_shards: str, out: str, wnids: list[str]) -> str:
+    """A copy of the tiny shards whose classes carry other wnids (the images and labels unchanged), with
+    its pca.json re-pointed at the new dataset.json."""
+    import hashlib
+    shutil.copytree(tiny_shards, out)
+    manifest_path, pca_path = os.path.join(out, "dataset.json"), os.path.join(out, "pca.json")
+    manifest = json.load(open(manifest_path))
+    for c, w in zip(manifest["classes"], wnids):
+        c["wnid"] = w
+    blob = json.dumps(manifest).encode()
+    open(manifest_path, "wb").write(blob)
+    pca = json.load(open(pca_path))
+    pca["source"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    open(pca_path, "w").write(json.dumps(pca))
+    return out
+
+
+def test_init_from_fc8_rows_follow_the_wnids(runs, tiny_shards, tmp_path, capsys):
+    """A parent of the same class count but other classes: its fc8 rows used to land on whatever class had
+    the same index. Child classes (by wnid): the parent's 1, 0, 2 and a new one -> rows 1, 0, 2, initialised."""
+    parent = torch.load(runs["a"], weights_only=False)
+    w = parent["wnids"]
+    shards = _relabelled_shards(tiny_shards, str(tmp_path / "s"), [w[1], w[0], w[2], "n99999999"])
+    out = str(tmp_path / "child")
+    assert train.main(["--shards", shards, "--out", out, *TINY, "--init-from", runs["a"], "--epochs", "1",
+                       "--lr", "1e-30", "--momentum", "0", "--weight-decay", "0"]) == 0
+    child = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    for k in ("fc8.weight", "fc8.bias"):
+        for i, j in ((0, 1), (1, 0), (2, 2)):
+            assert torch.equal(child[k][i], parent["model"][k][j]), (k, i)
+        assert not torch.equal(child[k][3], parent["model"][k][3])
+    record = json.load(open(os.path.join(out, "config.json")))["init_from"]
+    assert record["fc8_rows"] == {"by": "wnid", "from_parent": 3, "initialised": 1}
+    assert "fc8" in record["initialised"] and "fc8" not in record["loaded"]
+    assert "fc8 rows follow the wnids, 3 from the parent and 1 initialised" in capsys.readouterr().err
+
+
+def test_init_from_refuses_a_parent_of_another_input_normalization(runs, tiny_shards, tmp_path, capsys):
+    ckpt = torch.load(runs["a"], weights_only=False)
+    ckpt["normalization"]["mode"] = "std"
+    ckpt["digest"] = checkpoint.checkpoint_digest(ckpt)
+    parent = str(tmp_path / "std.pt")
+    torch.save(ckpt, parent)
+    out = str(tmp_path / "never")
+    assert train.main(["--shards", tiny_shards, "--out", out, *TINY, "--init-from", parent]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert len(err) == 1 and "was trained on input 'std', this run's recipe gives 'mean'; pass --input-norm std" \
+        in err[0], err
+    assert not os.path.exists(out)
+
+
+def test_a_resumed_fine_tuning_keeps_its_record_and_refuses_another_parent(runs, tiny_shards, tmp_path, capsys):
+    out = str(tmp_path / "fine")
+    shutil.copytree(os.path.dirname(runs["fine"]), out)
+    args = ["--shards", tiny_shards, "--out", out, *TINY, "--extra-conv", "--init", "paper", "--resume"]
+    assert train.main([*args, "--epochs", "2", "--init-from", runs["a"]]) == 2  # not the parent it started from
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert len(err) == 1 and f"--resume continues a run that started from {os.path.abspath(runs['pre'])}" in err[0]
+    assert train.main([*args, "--epochs", "2", "--init-from", runs["pre"]]) == 0  # the same command, repeated
+    record = json.load(open(os.path.join(out, "config.json")))["init_from"]
+    assert record == json.load(open(runs["fine_config"]))["init_from"]
+    assert train.main([*args, "--epochs", "3"]) == 0  # without --init-from: the record stays too
+    assert json.load(open(os.path.join(out, "config.json")))["init_from"] == record

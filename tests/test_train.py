@@ -193,6 +193,23 @@ PCA_CASES = {  # pca.json edits, and the line that must name them
 }
 
 
+@pytest.mark.parametrize("extra, said", [
+    (["--batch-size", "16"], "(batch_size 8, now 16 (lr and lr_batch follow the batch))"),
+    (["--batch-size", "16", "--lr", "0.000625"], "(batch_size 8, now 16 (lr_batch follows the batch))"),
+    (["--batch-size", "16", "--lr", "0.5"], "(batch_size 8, now 16; lr 0.000625, now 0.5 (lr_batch follows the batch))")])
+def test_a_resume_with_another_batch_names_what_the_user_changed(finished_run, tmp_path, tiny_shards, capsys, extra,
+                                                                  said):
+    """lr and lr_batch follow the batch by the recipe's rule: naming them as changed too (when --lr was given
+    the same) sent users looking for a change they had not made."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(finished_run, out)
+    capsys.readouterr()
+    assert train.main(run_args(tiny_shards, out, "--resume", *[a for a in extra if a != "--batch-size" and a != "16"],
+                               "--batch-size", "16")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert len(err) == 1 and f"was made with other settings {said}; resume with the same ones" in err[0], err
+
+
 @pytest.mark.parametrize("case", ["no_shards", "no_pca", "no_gpu", "indivisible", "existing", "other_options",
                                   "pca_truncated", "val_only", *PCA_CASES])
 def test_bad_input_one_line_nothing_overwritten(tiny_shards, finished_run, tmp_path, capsys, monkeypatch, case):
@@ -231,7 +248,7 @@ def test_bad_input_one_line_nothing_overwritten(tiny_shards, finished_run, tmp_p
         out = str(tmp_path / "copy")
         shutil.copytree(finished_run, out)
         extra = ["--resume", "--lr", "0.1"] if case == "other_options" else []
-        needle = "pass --resume" if case == "existing" else "was made with other settings (lr)"
+        needle = "pass --resume" if case == "existing" else "was made with other settings (lr 0.000625, now 0.1)"
     before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} if os.path.isdir(out) else {}
     capsys.readouterr()
     assert train.main(run_args(shards, out, "--epochs", "1", *extra)) == 2
@@ -569,7 +586,9 @@ def test_predict_shows_progress_names_an_unreadable_image_and_predicts_the_rest(
     (["--lr", "inf"], "--lr must be a finite number, not inf"),
     (["--seed", "-1"], "--seed must be in [0, 2^63), not -1"),
     (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)"),
-    (["--loader-threads", "-1"], "--loader-threads must be >= 0"),
+    (["--loader-threads", "-1"], "--loader-threads must be in 0..256"),
+    (["--loader-threads", "100000"], "--loader-threads must be in 0..256 (0: all cores), not 100000"),
+    (["--intra-op-threads", "-1"], "--intra-op-threads must be >= 0"),
     (["--batch-size", "1000000000"], "--batch-size 1000000000: more than 65536 images per step"),
     (["--checkpoint-minutes", "nan"], "--checkpoint-minutes must be a finite number >= 0, not nan"),
     (["--probe-every", "3", "--log-every", "2"], "--probe-every must be 0 or a multiple of --log-every (2)"),

@@ -21,6 +21,7 @@ the number of training images.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -70,6 +71,16 @@ def read_header(path: str) -> dict | None:
         return None
 
 
+def rows_digest(path: str, header: dict, chunk: int = 1 << 24) -> str:
+    """sha256 of the feature file's rows (everything after the header)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def open_features(path: str, header: dict) -> np.memmap:
     return np.memmap(path, dtype=np.float16, mode="r", offset=HEADER_BYTES, shape=(header["count"], header["dim"]))
 
@@ -86,15 +97,20 @@ def extract(model, loader, count: int, path: str, header: dict, device) -> None:
         done = 0
         with tqdm(total=count, desc="fc7 features", unit="img", dynamic_ncols=True, mininterval=1.0,
                   file=sys.stderr) as bar:
+            rows_hash = hashlib.sha256()  # over the float16 rows in file order, as they are written
             for images, _ in loader:
-                h = model.hidden(images.to(device)).float().cpu().numpy()[:count - done]
+                h = model.hidden(images.to(device)).float().cpu().numpy()[:count - done].astype(np.float16)
                 out[done:done + len(h)] = h
+                rows_hash.update(h.tobytes())
                 done += len(h)
                 bar.update(len(h))
                 if done >= count:
                     break
         out.flush()
         del out
+        header["rows_sha256"] = rows_hash.hexdigest()  # a reuse checks the rows too, not only whose they are
+        with open(tmp, "r+b") as f:
+            f.write(json.dumps(header).encode().ljust(HEADER_BYTES - 1) + b"\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -109,13 +125,16 @@ def train_features(model, ckpt: dict, checkpoint: str, shards: str, loader, coun
     header = {"checkpoint_digest": ckpt["digest"], "dataset": dataset_id(shards), "count": count, "dim": dim,
               "layer": "fc7 after ReLU, eval mode, centre crop", "checkpoint": os.path.abspath(checkpoint)}
     found = read_header(path)
+    why = " (rebuilding: made for another checkpoint, shard set or count)" if found else ""
     if found is not None and all(found.get(k) == header[k] for k in ("checkpoint_digest", "dataset", "count", "dim")):
-        print(f"neighbours: reusing {path} ({count} x {dim} float16, this checkpoint and shard set)", file=sys.stderr)
-        return header
+        if found.get("rows_sha256") == rows_digest(path, found):  # one read of the file, far less than a pass
+            print(f"neighbours: reusing {path} ({count} x {dim} float16, this checkpoint and shard set)",
+                  file=sys.stderr)
+            return found
+        why = " (rebuilding: its rows do not match their sha256: damaged)"
     size = HEADER_BYTES + 2 * count * dim
     print(f"neighbours: fc7 features of {count} training images: {count} x {dim} x 2 bytes = {size / 1e9:.2f} GB "
-          f"({size / 2**20:.1f} MiB) in {path}"
-          + (" (rebuilding: made for another checkpoint, shard set or count)" if found else ""), file=sys.stderr)
+          f"({size / 2**20:.1f} MiB) in {path}{why}", file=sys.stderr)
     extract(model, loader, count, path, header, device)
     return header
 

@@ -145,10 +145,20 @@ def check_resumed_parent(cfg: TrainConfig, checkpoint: dict, ckpt_path: str) -> 
     """--init-from on a resume must name the parent the run started from (a scheduler repeats the whole
     command); any other parent is refused: a resumed run's weights are the checkpoint's, not a parent's."""
     record = checkpoint.get("init_from")
-    if cfg.init_from and (record is None or os.path.abspath(cfg.init_from) != record["path"]):
+    if cfg.init_from and (record is None or not _same_parent(cfg.init_from, record)):
         started = f"started from {record['path']}" if record else "did not start from --init-from"
         raise UsageError(f"{ckpt_path}: --resume continues a run that {started}; --init-from {cfg.init_from} "
                          "cannot apply to it (drop --init-from, or choose another --out for a new run)")
+
+
+def _same_parent(path: str, record: dict) -> bool:
+    """PATH is the parent in RECORD: the same file under any name (a link, ./x), or a file of its digest."""
+    try:
+        if os.path.samefile(path, record["path"]):
+            return True
+    except OSError:  # one of them is gone or unreadable: the digest decides
+        pass
+    return os.path.exists(path) and load_checkpoint(path)["digest"] == record["digest"]
 
 
 def check_parent_input(path: str, parent: dict, recipe: Recipe) -> None:

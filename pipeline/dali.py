@@ -34,7 +34,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline import plan
-from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.loader import BatchRing, LoaderConfig, ShardLoader
 from pipeline.shards import JPEG_SOI, ShardError, error_text, iter_tar_samples, member_at
 
 DATA_OPS = ("fn.decoders.image",)  # errors of these are about the data (read errors are ShardErrors already)
@@ -107,6 +107,8 @@ class DaliLoader(ShardLoader):
         self._it = None                           # the pipeline's iterator
         self._next_feed = (0, 0)                  # (epoch, batch) the feed serves next
         self._next_out = None                     # (epoch, batch) the iterator yields next
+        # DALI's zero-copy batches are held until the GPU has read them (BatchRing says why).
+        self._ring = BatchRing(lambda: torch.cuda.Event(), limit=8) if self.gpu else None
 
     def _shard_bytes(self, shard: int) -> mmap.mmap:
         if shard not in self._maps:
@@ -179,6 +181,8 @@ class DaliLoader(ShardLoader):
     def _build(self, epoch: int, start: int):
         c = self.cfg
         self._layout = "HWC" if (c.channels_last and c.crop != "ten") else "CHW"
+        if self._ring is not None:
+            self._ring.clear()  # no batch of the old pipeline outlives it unfinished
         self._it = None  # the old pipeline (if any) goes before the new one takes threads and memory
         self._next_feed = self._next_out = (epoch, start)  # the iterator prefetches as it is made
         loader = weakref.ref(self)  # no cycle loader -> pipeline -> feed -> loader: dropping the loader frees
@@ -202,7 +206,11 @@ class DaliLoader(ShardLoader):
                 images, labels = out[0]["images"], out[0]["labels"].view(-1)
                 if self._layout == "HWC":
                     images = self.channels(images)
-                yield images, labels
+                try:
+                    yield images, labels
+                finally:  # the consumer's work on this batch is queued (it asked for the next, or left)
+                    if self._ring is not None:
+                        self._ring.release_after_use((out, images, labels))
         except RuntimeError as e:
             self._it = None  # a failed pipeline is not reused
             if not any(op in str(e) for op in DATA_OPS):

@@ -183,3 +183,41 @@ class ShardLoader:
         perm = (0, 3, 1, 2) if images.dim() == 4 else (0, 1, 4, 2, 3)
         out = images.permute(*perm)
         return out if self.cfg.channels_last else out.contiguous()
+
+
+class BatchRing:
+    """Keeps each yielded GPU batch alive until the GPU has run everything the consumer queued on it.
+
+    DALI's dynamic executor hands its own output buffer to torch without a copy (DLPack), and takes the
+    memory back when the last reference dies. The training loop never syncs per step, so the host can
+    queue several steps ahead of the GPU and drop batch k's last reference while step k's kernels still
+    wait to read it; nothing orders DALI's reuse of that memory after them (cross-stream deallocation is
+    unsolved in DLPack). So the loader holds a reference itself: when the consumer asks for the next
+    batch (its step on this one is queued by then), an event is recorded on the consumer's stream, and
+    the batch is let go only once that event has completed. Cost: an event record per batch and a
+    non-blocking query of the oldest; the host waits only when `limit` batches are still held (the GPU
+    is then `limit` steps behind, and the host gains nothing by running further ahead).
+
+    make_event: () -> an object with record() and query() and synchronize() (torch.cuda.Event; a fake
+    in the CPU tests)."""
+
+    def __init__(self, make_event, limit: int = 8):
+        self.make_event, self.limit = make_event, limit
+        self.held: list[tuple[object, object]] = []  # (batch, its event), oldest first
+
+    def release_after_use(self, batch) -> None:
+        """Call when the consumer is done queueing work on `batch` (it asks for the next one)."""
+        event = self.make_event()
+        event.record()  # on the current stream: after every kernel queued so far, the ones reading `batch`
+        self.held.append((batch, event))
+        while self.held and self.held[0][1].query():
+            self.held.pop(0)
+        while len(self.held) > self.limit:  # the GPU is far behind: wait for the oldest
+            self.held[0][1].synchronize()
+            self.held.pop(0)
+
+    def clear(self) -> None:
+        """Wait for every held batch's event and let them all go (a pipeline rebuilt, a loader closed)."""
+        for _, event in self.held:
+            event.synchronize()
+        self.held.clear()

@@ -83,3 +83,83 @@ def test_bundle_in_transfer_folders_reassembled_from_anywhere(tmp_path):
     r = subprocess.run([SCRIPT, *wheels_args, "--install-only", "--python", py], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and "missing or corrupt" in r.stderr and piece in r.stderr
+
+
+FAKE_SMI = """#!/bin/sh
+cat <<'END'
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.54.15              Driver Version: {driver}      CUDA Version: {cuda}     |
++-----------------------------------------------------------------------------------------+
+END
+"""
+
+
+def _fake_smi(tmp_path, driver="550.54.15", cuda="12.4") -> str:
+    path = tmp_path / "nvidia-smi"
+    path.write_text(FAKE_SMI.format(driver=driver, cuda=cuda))
+    path.chmod(0o755)
+    return str(path)
+
+
+DALI13 = "nvidia_dali_cuda130-2.4.0-py3-none-manylinux2014_x86_64.whl"
+DALI12 = "nvidia_dali_cuda120-2.4.0-py3-none-manylinux2014_x86_64.whl"
+
+
+@pytest.mark.parametrize("wheels, installed, cuda, needle", [
+    ([DALI13], [], "12.4", "driver 550.54.15 runs CUDA 12.4; nvidia_dali_cuda130-2.4.0"),  # a CUDA-12 driver
+    ([DALI13], [], "12.4", "bundle the CUDA 12 build instead (gpu_check.sh --bundle DIR --cuda 12)"),
+    ([DALI12], [], "12.4", None), ([DALI12], [], "13.0", None), ([DALI13], [], "13.0", None),  # R580 runs both
+    ([DALI13], ["nvidia-dali-cuda120"], "13.0", "pip uninstall nvidia-dali-cuda120 first"),
+    ([], ["nvidia-dali-cuda130"], "12.4", "nvidia-dali-cuda130 needs CUDA 13"),  # the check, nothing to install
+    (["six-1.16.0-py2.py3-none-any.whl"], [], "12.4", None)])
+def test_the_dali_build_is_chosen_by_the_drivers_cuda_version(tmp_path, monkeypatch, wheels, installed, cuda,
+                                                               needle):
+    from tools.dev.bench import driver
+    monkeypatch.setenv("NVIDIA_SMI", _fake_smi(tmp_path, cuda=cuda))
+    info = driver.driver_info()
+    assert info == {"driver": "550.54.15", "cuda": cuda}
+    why = driver.refusal(wheels, installed, info)
+    assert (why is None) if needle is None else (needle in why), why
+
+
+def test_no_nvidia_smi_is_no_driver_and_no_refusal(tmp_path, monkeypatch):
+    from tools.dev.bench import driver
+    monkeypatch.setenv("NVIDIA_SMI", str(tmp_path / "absent"))
+    assert driver.driver_info() is None and driver.refusal([DALI13], [], None) is None
+
+
+def _fake_bundle(folder, wheel_name: str) -> None:
+    """A transfer folder as --bundle writes it, holding one (empty) wheel in one piece."""
+    import hashlib
+    import zipfile
+    folder.mkdir(parents=True)
+    wheel = folder / wheel_name
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("empty.txt", "")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (folder / "WHEELS.SHA256SUMS").write_text(f"{digest}  {wheel_name}\n")
+    wheel.rename(folder / f"{wheel_name}.part-000")
+    (folder / "PIECES.SHA256SUMS").write_text(f"{digest}  {wheel_name}.part-000\n")
+
+
+def test_the_node_refuses_a_dali_build_its_driver_cannot_run_in_the_projects_venv(tmp_path):
+    """As on an H100 with a CUDA-12 driver and the CUDA-13 build bundled: one line naming the build to
+    bundle, exit 2, nothing installed. With no .venv and no --python, the project's own .venv is made
+    (seeing the node's torch) and used, never the PATH's python3."""
+    repo = tmp_path / "repo"
+    for sub in ("tools/dev/bench",):
+        (repo / sub).mkdir(parents=True)
+    for f in ("tools/__init__.py", "tools/dev/__init__.py", "tools/dev/bench/__init__.py", "tools/dev/bench/driver.py",
+              "tools/dev/gpu_check.sh"):
+        shutil.copy(os.path.join(REPO, f), repo / f)
+    _fake_bundle(tmp_path / "landed" / "transfer-01", DALI13)
+    env = {**os.environ, "NVIDIA_SMI": _fake_smi(tmp_path, cuda="12.4")}
+    r = subprocess.run([str(repo / "tools/dev/gpu_check.sh"), "--wheels", str(tmp_path / "landed"), "--install-only"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"python: {repo}/.venv/bin/python" in r.stdout
+    assert "gpu_check.sh: this node's driver 550.54.15 runs CUDA 12.4; nvidia_dali_cuda130-2.4.0" in r.stderr
+    assert "--cuda 12" in r.stderr
+    cfg = (repo / ".venv" / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = true" in cfg  # the node's torch stays visible
+    assert "installed:" not in r.stdout  # refused before pip (which would fail on this empty wheel with exit 1)

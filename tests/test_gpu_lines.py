@@ -167,3 +167,53 @@ def test_the_decoder_check_tolerates_a_grey_level_on_average(shift, ok):
     result = decoder_agreement(cpu, gpu)
     assert result["ok"] is ok and result["max_abs_diff"] == 4.0
     assert result["mean_abs_diff"] == pytest.approx(shift, abs=1e-4)
+
+
+def test_the_dali_loader_holds_each_gpu_batch_until_the_gpu_has_read_it(fake_gpus, shards, monkeypatch):
+    """DALI's zero-copy batches (issue: a possible use-after-free): a batch the consumer has dropped stays
+    alive until the event recorded after its step reports done; with 8 held the oldest is waited for."""
+    import gc
+    import itertools
+    import weakref
+    from pipeline import dali
+    events = []
+
+    class FakeEvent:  # the consumer's stream, as far as the ring can tell
+        def __init__(self):
+            self.recorded = self.done = False
+            events.append(self)
+
+        def record(self):
+            self.recorded = True
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    class Built:
+        def build(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(dali, "shard_pipeline", lambda *a, **k: Built())
+    monkeypatch.setattr(dali, "DALIGenericIterator", lambda pipes, names: (
+        [{"images": torch.full((2, 3, 4, 4), float(k)), "labels": torch.tensor([k, k])}] for k in itertools.count()))
+    loader = make_loader(shards, "train", batch_size=16, device="cuda:0", backend="dali", verify=False)
+    refs, it = [], iter(loader)
+    for k in range(3):
+        images, _ = next(it)
+        refs.append(weakref.ref(images))
+        del images
+    gc.collect()
+    # batches 0 and 1: their steps queued (the consumer asked for more), their events not done: still held
+    assert [r() is not None for r in refs] == [True, True, True] and len(events) == 2 and all(e.recorded for e in events)
+    events[0].done = True
+    next(it)  # the ring looks at the oldest event when the next batch is asked for
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is not None and refs[2]() is not None
+    for _ in range(12):  # nothing completes: the ring waits for the oldest beyond 8 held
+        next(it)
+    assert len(loader._ring.held) == 8 and sum(e.done for e in events) == len(events) - 8
+

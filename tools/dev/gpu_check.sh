@@ -10,14 +10,20 @@
 #                                                every folder below the DIRs, verify each sha256, name what is
 #                                                missing, reassemble, install (--no-deps), then run the check
 # Options: --install-only (with --wheels: install, no check), --python PY (interpreter to install into and run
-#          with; default python3), --packages "SPEC ..." (what --bundle fetches; default: DALI for CUDA 13,
-#          webdataset), --skip "NAME ..." (wheels --bundle leaves out because the node has them; default: numpy
-#          six packaging), --transfer-size SIZE (bytes per transfer folder, default 60M; pieces are as large),
-#          --target-python 3.12, --study-epochs N (epochs per variant in the check's recipe study; 0 skips it).
+#          with; default: the project's .venv, made with --system-site-packages on the node if it has none, so
+#          that it sees the node's torch and pip never meets an externally managed system Python),
+#          --cuda 12|13 (the GPU node's CUDA major version: which DALI build --bundle fetches; default 12, whose
+#          build runs on drivers R525.60 and later, R580 included; 13 needs R580+), --packages "SPEC ..." (what
+#          --bundle fetches instead; default: DALI for --cuda, webdataset), --skip "NAME ..." (wheels --bundle
+#          leaves out because the node has them; default: numpy six packaging), --transfer-size SIZE (bytes per
+#          transfer folder, default 60M; pieces are as large), --target-python 3.12, --study-epochs N (epochs
+#          per variant in the check's recipe study; 0 skips it).
+# Before installing and before the check, the node's driver is read (nvidia-smi; NVIDIA_SMI names another)
+# and a DALI build it cannot run, or one beside another DALI build, is refused in one line.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
-py=python3 out=gpu_check mode=check bundle="" wheels=() transfer_size=60M target_py=3.12 study_epochs=""
-packages="nvidia-dali-cuda130==2.4.0 webdataset"
+py="" out=gpu_check mode=check bundle="" wheels=() transfer_size=60M target_py=3.12 study_epochs="" cuda=12
+packages=""
 skip="numpy six packaging"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,18 +33,35 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift ;;
     --python) py="$2"; shift ;;
     --packages) packages="$2"; shift ;;
+    --cuda) cuda="$2"; shift ;;
     --skip) skip="$2"; shift ;;
     --install-only) mode=install ;;
     --transfer-size|--piece-size) transfer_size="$2"; shift ;;
     --target-python) target_py="$2"; shift ;;
     --study-epochs) study_epochs="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
 to_bytes() { numfmt --from=iec "$1"; }
+
+case "$cuda" in 12|13) ;; *) echo "gpu_check.sh: --cuda takes 12 or 13, not $cuda" >&2; exit 2 ;; esac
+[ -n "$packages" ] || packages="nvidia-dali-cuda${cuda}0==2.4.0 webdataset"
+if [ -z "$py" ]; then  # the project's own environment, never whatever python3 the PATH holds
+  if [ "$mode" = bundle ]; then py=python3
+  else
+    if [ ! -x "$here/.venv/bin/python" ] && [ ${#wheels[@]} -gt 0 ]; then
+      python3 -m venv --system-site-packages "$here/.venv"
+    fi
+    py="$here/.venv/bin/python"; [ -x "$py" ] || py=python3
+  fi
+fi
+[ "$mode" = bundle ] || echo "python: $py"
+installed_dali() {  # the DALI distributions the interpreter has
+  "$py" -c "import importlib.metadata as m; print(' '.join(sorted({d.metadata['Name'] for d in m.distributions() if (d.metadata['Name'] or '').lower().replace('_', '-').startswith('nvidia-dali-cuda')})))"
+}
 
 if [ "$mode" = bundle ]; then
   rm -rf "$bundle"; mkdir -p "$bundle/.wheels" "$bundle/.pieces"
@@ -101,6 +124,8 @@ if [ ${#wheels[@]} -gt 0 ]; then
   done
   (cd "$work/wheels" && sha256sum --quiet -c "$wheel_sums") \
     || { echo "gpu_check.sh: a reassembled wheel does not match $wheel_sums" >&2; exit 1; }
+  # The driver must run the bundled DALI build, and no other DALI build may be there already.
+  (cd "$here" && "$py" -m tools.dev.bench.driver check "$work"/wheels/*.whl --installed $(installed_dali)) || exit 2
   # --no-deps: the bundle holds what the node lacks; what it has (numpy, ...) stays as it is.
   "$py" -m pip install -q --no-index --no-deps "$work"/wheels/*.whl
   echo "installed: $(cd "$work/wheels" && ls *.whl | tr '\n' ' ')"
@@ -108,6 +133,7 @@ if [ ${#wheels[@]} -gt 0 ]; then
 fi
 
 cd "$here"
+"$py" -m tools.dev.bench.driver check --installed $(installed_dali) || exit 2
 args=(--json "$out/gpu_check.json")
 [ "$mode" = dry ] && args+=(--dry-run)
 [ -n "$study_epochs" ] && args+=(--study-epochs "$study_epochs")

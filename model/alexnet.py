@@ -117,7 +117,9 @@ def conv_block(x: torch.Tensor, conv: nn.Module, lrn, name: str, lrn_after: set[
     config puts it; section 3.3: 'after applying the ReLU') -> max-pool (after conv1, conv2, conv5)."""
     x = F.relu(conv(x), inplace=True)
     if name in lrn_after:
-        x = lrn(x)
+        # Under bf16 autocast LRN's pow and sum run (and return) float32: back to the convolution's dtype,
+        # so that pooling and the next convolution's input cast do not run on float32 (one cast here).
+        x = lrn(x).to(x.dtype)
     if name in POOL_AFTER:
         x = F.max_pool2d(x, 3, 2)
     return x

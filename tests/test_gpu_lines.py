@@ -217,3 +217,20 @@ def test_the_dali_loader_holds_each_gpu_batch_until_the_gpu_has_read_it(fake_gpu
         next(it)
     assert len(loader._ring.held) == 8 and sum(e.done for e in events) == len(events) - 8
 
+
+@pytest.mark.parametrize("layout", ["grouped", "two_halves"])
+def test_lrn_keeps_the_convolutions_dtype_under_bf16_autocast(layout):
+    """Autocast runs LRN's pow and sum in float32 and returns float32 (CUDA and CPU alike): without a cast
+    back, conv1's and conv2's LRN, pooling and the next input cast ran in float32 on every GPU step."""
+    from model.alexnet import conv_block
+    cfg = AlexNetConfig(num_classes=10, width=0.125)
+    model = AlexNet(cfg=cfg) if layout == "grouped" else TwoDeviceAlexNet(cfg, ["cpu", "cpu"])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if layout == "grouped":
+            out = conv_block(x, model.conv1, model.half_lrn, "conv1", model.lrn_after)
+        else:
+            half = model.halves[0]
+            out = conv_block(x, half.conv1, half.lrn, "conv1", model.lrn_after)
+        assert out.dtype == torch.bfloat16
+        assert model(x).dtype == torch.bfloat16

@@ -234,3 +234,11 @@ def test_lrn_keeps_the_convolutions_dtype_under_bf16_autocast(layout):
             out = conv_block(x, half.conv1, half.lrn, "conv1", model.lrn_after)
         assert out.dtype == torch.bfloat16
         assert model(x).dtype == torch.bfloat16
+
+
+def test_place_lets_cudnn_pick_its_fastest_algorithms_on_a_gpu_only(fake_gpus, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    devices.place(["cpu"])
+    assert torch.backends.cudnn.benchmark is False
+    devices.place(["cuda:1"])
+    assert torch.backends.cudnn.benchmark is True and fake_gpus == [1]

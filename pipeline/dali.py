@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import mmap
-import os
 import weakref
 
 import numpy as np
@@ -34,7 +33,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline import plan
-from pipeline.loader import BatchRing, LoaderConfig, ShardLoader
+from pipeline.loader import BatchRing, LoaderConfig, ShardLoader, cores_per_process
 from pipeline.shards import JPEG_SOI, ShardError, error_text, iter_tar_samples, member_at
 
 DATA_OPS = ("fn.decoders.image",)  # errors of these are about the data (read errors are ShardErrors already)
@@ -99,7 +98,7 @@ class DaliLoader(ShardLoader):
         if self.gpu and not torch.cuda.is_available():
             raise RuntimeError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
         self.device_id = (self.device.index or 0) if self.gpu else None
-        self.threads = cfg.num_threads or min(os.cpu_count() or 1, 8 if self.gpu else 64)
+        self.threads = cfg.num_threads or min(cores_per_process(), 8 if self.gpu else 64)
         # Batches with lighting also take the recipe's training scale (normalization.py).
         self.shift, self.divisor = self.norm.shift_divisor(lit=cfg.lighting)
         self._maps: dict[int, mmap.mmap] = {}     # shard -> its bytes, mapped on first use

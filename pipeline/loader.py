@@ -221,3 +221,14 @@ class BatchRing:
         for _, event in self.held:
             event.synchronize()
         self.held.clear()
+
+
+def cores_per_process() -> int:
+    """This process's share of the cores it may use: usable cores (its affinity) / the processes torchrun
+    started on this node (LOCAL_WORLD_SIZE), at least 1. One loader thread or worker per core on every rank
+    oversubscribes a node by the rank count (8x at 8 ranks)."""
+    try:
+        cores = len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity call (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))

@@ -5,15 +5,18 @@ baseline. Order, augmentation parameters and crop geometry come from plan.py and
 pixel values from normalization.py, as in the DALI loader, so both yield the same
 batches up to JPEG decoder rounding (the tests hold both to tests/reference.py).
 
-DataLoader workers each build whole batches (worker k takes batches k, k+W, ...)
-and the DataLoader hands them out round-robin, so the order is deterministic.
-A worker reads a shard with webdataset into memory once (a shard is ~30 MB) and
-takes its samples in the plan's order.
+DataLoader workers each build whole batches: the main process hands out positions
+(epoch, batch) in order and the DataLoader returns the batches in that order, so it
+is deterministic. The workers persist across epochs (forking one per core on every
+rank at every epoch start cost seconds), and there are usable cores / processes on
+this node of them, not one per core on every rank. A worker reads a shard with
+webdataset into memory once (a shard is ~30 MB) and takes its samples in the plan's
+order.
 """
 from __future__ import annotations
 
 import io
-import os
+import weakref
 
 import numpy as np
 import torch
@@ -21,14 +24,48 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import plan
-from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.loader import LoaderConfig, ShardLoader, cores_per_process
 from pipeline.shards import ShardError, error_text
 
 
-class _EpochBatches(torch.utils.data.IterableDataset):
-    def __init__(self, loader: "WdsLoader", epoch: int, start: int, order: np.ndarray):
-        self.loader, self.epoch, self.start, self.order = loader, epoch, start, order
+class _LoaderRef:
+    """A weak reference to the loader for what its DataLoader holds (dataset, sampler): a strong one made a
+    cycle loader -> DataLoader -> dataset -> loader, which only the garbage collector breaks, and it tore
+    the worker queues down before the workers heard to stop (each then waited 5 s and was killed). Forked
+    workers find the loader in their copy of memory; a pickled copy (spawn) takes the loader itself."""
+
+    @property
+    def loader(self) -> "WdsLoader":
+        return self._strong if self._ref is None else self._ref()
+
+    def _set(self, loader) -> None:
+        self._ref, self._strong = weakref.ref(loader), None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ref": None, "_strong": self.loader}
+
+
+class _Batches(_LoaderRef, torch.utils.data.Dataset):
+    """(epoch, batch k) -> that batch, computed in a worker from the plan."""
+
+    def __init__(self, loader: "WdsLoader"):
+        self._set(loader)
         self._cache: dict[int, dict] = {}
+        self._orders: dict[int, np.ndarray] = {}  # this epoch's order and the last (in each worker)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self.loader._order(epoch)
+        return self._orders[epoch]
+
+    def __getitem__(self, position: tuple[int, int]):
+        epoch, k = position
+        bs = self.loader.cfg.batch_size
+        return self._batch(epoch, k, self._order(epoch)[k * bs:(k + 1) * bs])
+
+    def __len__(self):
+        return len(self.loader)
 
     def _shard(self, shard: int) -> dict:
         if shard not in self._cache:
@@ -44,19 +81,11 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                 raise ShardError(f"{path}: unreadable or truncated tar ({e})") from None
         return self._cache[shard]
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        bs = self.loader.cfg.batch_size
-        n_batches = -(-len(self.order) // bs)
-        for b in range(worker, n_batches, workers):
-            yield self._batch(b, self.order[b * bs:(b + 1) * bs])
-
-    def _batch(self, b: int, pairs: np.ndarray):
+    def _batch(self, epoch: int, k: int, pairs: np.ndarray):
         ld, cfg = self.loader, self.loader.cfg
         images, labels = [], []
         if cfg.crop == "random":
-            p = ld.params(self.epoch, self.start + b)
+            p = ld.params(epoch, k)
             lights = ld.lighting_offsets(p) if cfg.lighting else [None] * len(pairs)
         for j, (shard, i) in enumerate(pairs):
             key = ld.entries[shard][i].key
@@ -83,20 +112,37 @@ class _EpochBatches(torch.utils.data.IterableDataset):
         return x, torch.tensor(labels, dtype=torch.int64)
 
 
+class _Positions(_LoaderRef, torch.utils.data.Sampler):
+    """The (epoch, batch) positions of the loader's current pass, read when the DataLoader starts it."""
+
+    def __init__(self, loader: "WdsLoader"):
+        self._set(loader)
+
+    def __iter__(self):
+        epoch, start = self.loader._span
+        return iter([(epoch, k) for k in range(start, len(self.loader))])
+
+    def __len__(self):
+        return len(self.loader) - self.loader._span[1]
+
+
 class WdsLoader(ShardLoader):
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
-        self.workers = cfg.num_threads or (os.cpu_count() or 1)
+        self.workers = cfg.num_threads or cores_per_process()
+        self._span = (0, 0)  # (epoch, first batch) of the pass in progress
+        self._dl = None      # one DataLoader, its workers kept from epoch to epoch
 
     def _epoch_batches(self, epoch: int, start: int, order: np.ndarray):
         if len(order) == 0:
             return
-        ds = _EpochBatches(self, epoch, start, order)
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.workers,
-                                         pin_memory=self.device.type == "cuda", prefetch_factor=2,
-                                         persistent_workers=False)
+        self._span = (epoch, start)
+        if self._dl is None:
+            self._dl = torch.utils.data.DataLoader(_Batches(self), batch_size=None, sampler=_Positions(self),
+                                                   num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                                   prefetch_factor=2, persistent_workers=True)
         bs = self.cfg.batch_size
-        for k, (images, labels) in enumerate(dl):
+        for k, (images, labels) in enumerate(self._dl):
             # The workers read the shards on their own; a batch leaves only once its shards are verified.
             self.verified(order[k * bs:(k + 1) * bs])
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -4,6 +4,8 @@ torch.compile recorded, the DALI loader's pipeline arguments captured before a G
 What only a GPU can run is listed in docs/DESIGN.md ("GPU-only lines")."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,34 @@ def test_place_lets_cudnn_pick_its_fastest_algorithms_on_a_gpu_only(fake_gpus, m
     assert torch.backends.cudnn.benchmark is False
     devices.place(["cuda:1"])
     assert torch.backends.cudnn.benchmark is True and fake_gpus == [1]
+
+
+@pytest.mark.parametrize("local_world, expected", [("1", 8), ("4", 2), ("16", 1)])
+def test_loader_workers_are_the_ranks_share_of_the_cores(shards, monkeypatch, local_world, expected):
+    """Under torchrun each rank started one DataLoader worker (or DALI thread) per core: 8x oversubscribed
+    at 8 ranks. Now usable cores (affinity) / processes on this node."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert make_loader(shards, "train", batch_size=16, backend="wds", verify=False).workers == expected
+    assert make_loader(shards, "train", batch_size=16, backend="dali", verify=False).threads == expected
+
+
+def test_the_wds_loaders_workers_persist_across_epochs(shards):
+    """One DataLoader for the loader's life: the same worker processes serve every epoch (they were forked
+    anew at each epoch start), and a pass left midway and started again yields the right batches."""
+    loader = make_loader(shards, "train", batch_size=64, backend="wds", num_threads=2, verify=False)
+    seen = []
+    for _ in range(2):
+        for _ in loader:
+            pass
+        seen.append([w.pid for w in loader._dl._iterator._workers])
+    assert seen[0] == seen[1] and len(seen[0]) == 2
+    fresh = make_loader(shards, "train", batch_size=64, backend="wds", num_threads=2, verify=False)
+    fresh.set_epoch(2)
+    expected = [y for _, y in fresh]
+    loader.set_epoch(2)
+    it = iter(loader)
+    next(it)
+    del it  # left after one batch
+    loader.set_epoch(2)
+    assert all(torch.equal(a, b) for a, b in zip((y for _, y in loader), expected))

@@ -115,7 +115,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model, state: dict) -
         if buf is None:
             continue
         for p, piece in zip(params, torch.split(buf, [p.shape[0] for p in params])):  # halves: rows of dim 0
-            optimizer.state[p]["momentum_buffer"] = piece.to(p.device).clone()
+            # in the parameter's own memory format: NCHW buffers beside channels-last weights take SGD off its
+            # _foreach fast path for every later step
+            optimizer.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format
+                                                                      ).copy_(piece)
     for group, lr in zip(optimizer.param_groups, state.get("lr", [])):
         group["lr"] = lr
 

@@ -384,19 +384,21 @@ def test_dead_fc7_units_are_counted_on_a_model_set_by_hand():
 
 
 def test_momentum_restored_beside_channels_last_weights_is_channels_last():
-    """After a resume the buffers were NCHW-contiguous beside channels-last weights, which takes SGD off its
-    _foreach fast path for every later step; the values are the saved ones either way."""
+    """A checkpoint whose buffers are NCHW (written on the CPU, by two halves, or a torch that saved them
+    contiguous) resumed on one GPU, channels-last: the buffers came back NCHW beside channels-last weights,
+    which takes SGD off its _foreach fast path for every later step. The values are the saved ones."""
     torch.manual_seed(4)
     cfg = AlexNetConfig(num_classes=6, width=0.125)
-    model = AlexNet(cfg=cfg).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    F.cross_entropy(model(torch.randn(2, 3, 224, 224)), torch.tensor([0, 5])).backward()
+    written = AlexNet(cfg=cfg)  # NCHW, as on the CPU
+    opt = torch.optim.SGD(written.parameters(), lr=0.01, momentum=0.9)
+    F.cross_entropy(written(torch.randn(2, 3, 224, 224)), torch.tensor([0, 5])).backward()
     opt.step()
-    state = optimizer_state(opt, model)
+    state = optimizer_state(opt, written)
+    model = AlexNet(cfg=cfg).to(memory_format=torch.channels_last)
     fresh = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     load_optimizer_state(fresh, model, state)
     for name, p in model.named_parameters():
         buf = fresh.state[p]["momentum_buffer"]
         assert buf.stride() == p.stride(), name
-        assert torch.equal(buf, opt.state[p]["momentum_buffer"]), name
+        assert torch.equal(buf, state["momentum"][name]), name
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the case that mattered

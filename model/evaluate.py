@@ -73,6 +73,8 @@ def evaluate_models(paths: list[str], loader, device: str, num_classes: int, cro
     ensemble, models = Ensemble(loader.num_samples, num_classes), []
     for k, path in enumerate(paths):
         model, ckpt = load_model(path, device)
+        if dev.type == "cuda":  # as the trainer runs it on one GPU, and as the loader delivers the centre crop
+            model = model.to(memory_format=torch.channels_last)
         ensemble.start_model()
         desc = f"model {k + 1}/{len(paths)}" if len(paths) > 1 else "evaluate"
         for probs, labels in batch_probs(model, loader, dev, bf16=dev.type == "cuda", progress=True, desc=desc):
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         first, manifest = check_ensemble(a.checkpoint, a.shards)
         loader = open_val(a.shards, batch_size=a.batch_size, device=device, crop="ten" if a.ten_crop else "center",
                           backend=a.backend, normalization=Normalization.from_dict(first["normalization"]),
-                          verify=a.verify)
+                          verify=a.verify, channels_last=device.startswith("cuda"))
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -206,7 +206,8 @@ def build_run(cfg: TrainConfig, recipe: Recipe, rank: int, world: int, devices: 
         train_loader = make_loader(cfg.shards, "train", batch_size=recipe.batch_size // world,
                                    channels_last=channels_last, lighting=recipe.lighting, **loader_args)
         val_loader = make_loader(cfg.shards, "val", batch_size=max(1, recipe.batch_size // world),
-                                 crop="ten" if cfg.ten_crop else "center", **loader_args)
+                                 crop="ten" if cfg.ten_crop else "center", channels_last=channels_last,
+                                 **loader_args)  # in the model's memory format: no conversion per batch
     except (ShardError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     init_distributed(world, device)

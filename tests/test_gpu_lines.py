@@ -275,3 +275,15 @@ def test_the_wds_loaders_workers_persist_across_epochs(shards):
     del it  # left after one batch
     loader.set_epoch(2)
     assert all(torch.equal(a, b) for a, b in zip((y for _, y in loader), expected))
+
+
+def test_the_trainers_val_loader_delivers_the_models_memory_format(tiny_shards, tmp_path, monkeypatch):
+    """On one GPU the model is channels-last; the val loader was NCHW beside it (a conversion per batch in
+    every evaluation). place() decides channels-last for both; here it says yes on the CPU."""
+    from model import train
+    real, asked = train.make_loader, {}
+    monkeypatch.setattr(train, "place", lambda devices, bf16, cl: (torch.device("cpu"), False, True))
+    monkeypatch.setattr(train, "make_loader", lambda shards, split, **kw: (asked.__setitem__(split, kw), real(shards, split, **kw))[1])
+    assert train.main(["--shards", tiny_shards, "--out", str(tmp_path / "r"), "--batch-size", "8", "--devices", "cpu",
+                       "--width", "0.125", "--epochs", "1", "--no-checkpoints", "--loader-threads", "2"]) == 0
+    assert asked["train"]["channels_last"] is True and asked["val"]["channels_last"] is True

@@ -31,6 +31,8 @@ class TrainConfig:
     bf16: bool = _f(True, "bf16 autocast on GPUs (ignored on the CPU, where it is slower)")
     channels_last: bool = _f(True, "NHWC memory on GPUs (faster convolutions; ignored on the CPU)")
     compile: bool = _f(False, "torch.compile the model")
+    bf16_grads: bool = _f(False, "under torchrun on GPUs, all-reduce the gradients in bf16 (half the bytes; "
+                                 "the sum rounds to bf16: a departure from the paper's fp32)")
     ten_crop: bool = _f(False, "evaluate each epoch with the paper's 10 crops instead of the centre crop")
     log_every: int = _f(20, "steps per logged train loss (each log is one GPU sync)")
     checkpoint_minutes: float = _f(30.0, "minutes between checkpoints, besides every epoch end; 0 = every step")

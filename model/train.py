@@ -125,7 +125,7 @@ def setup(cfg: TrainConfig) -> Run:
         restore(run, checkpoint)
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout masks differ across ranks
-    run.net = wrap(run.model, world, run.device, cfg.compile)
+    run.net = wrap(run.model, world, run.device, cfg.compile, cfg.bf16_grads)
     if run.main:
         open_run_dir(run, resume_at=(run.start_epoch, run.step) if checkpoint is not None else None)
         if pca_changed:

@@ -67,9 +67,14 @@ def test_two_halves_under_torchrun_are_refused(fake_gpus):
 def test_process_group_ddp_and_compile_get_the_ranks_device(monkeypatch):
     calls = {}
 
-    def ddp(module, device_ids=None):
-        calls["ddp"] = device_ids
-        return module
+    class DDP:
+        def __init__(self, module, device_ids=None, gradient_as_bucket_view=False):
+            calls["ddp"] = device_ids
+            calls["bucket_view"] = gradient_as_bucket_view
+            self.module = module
+
+        def register_comm_hook(self, state, hook):
+            calls["hook"] = hook.__name__
 
     def compile(net, **options):
         calls["compile"] = options
@@ -77,7 +82,7 @@ def test_process_group_ddp_and_compile_get_the_ranks_device(monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, device_id=None: calls.update(pg=(backend, device_id)))
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", DDP)
     monkeypatch.setattr(torch, "compile", compile)
     gpu = torch.device("cuda:1")
     devices.init_distributed(2, gpu)
@@ -87,11 +92,17 @@ def test_process_group_ddp_and_compile_get_the_ranks_device(monkeypatch):
     devices.init_distributed(1, gpu)
     assert "pg" not in calls  # one process: no group
     model = torch.nn.Linear(2, 2)
-    assert devices.wrap(model, 2, gpu, compile=True) is model
-    assert calls == {"ddp": [1], "compile": {"dynamic": False}}
+    assert devices.wrap(model, 2, gpu, compile=True).module is model
+    assert calls == {"ddp": [1], "bucket_view": True, "compile": {"dynamic": False}}
     calls.clear()
-    devices.wrap(model, 2, torch.device("cpu"), compile=False)
-    assert calls == {"ddp": None}
+    devices.wrap(model, 2, gpu, compile=False, bf16_grads=True)
+    assert calls == {"ddp": [1], "bucket_view": True, "hook": "bf16_compress_hook"}
+    calls.clear()
+    devices.wrap(model, 2, torch.device("cpu"), compile=False, bf16_grads=True)  # gloo: fp32 whatever is asked
+    assert calls == {"ddp": None, "bucket_view": True}
+    calls.clear()
+    assert devices.wrap(model, 1, gpu, compile=False, bf16_grads=True) is model  # one process: no DDP
+    assert calls == {}
 
 
 def test_the_dali_loader_asks_for_the_gpu_decoder_on_the_ranks_gpu(fake_gpus, shards, monkeypatch):

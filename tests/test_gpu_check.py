@@ -15,8 +15,12 @@ SCRIPT = os.path.join(REPO, "tools", "dev", "gpu_check.sh")
 
 @pytest.mark.slow
 def test_dry_run_runs_every_section(tmp_path):
-    r = subprocess.run([SCRIPT, "--dry-run", "--out", str(tmp_path), "--python", sys.executable],
-                       capture_output=True, text=True, cwd=REPO, timeout=900)
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(FAKE_SMI.format(driver="550.54.15", cuda="12.4"))
+    smi.chmod(0o755)
+    r = subprocess.run([SCRIPT, "--dry-run", "--out", str(tmp_path), "--python", sys.executable], capture_output=True,
+                       text=True, cwd=REPO, timeout=900, env={**os.environ, "NVIDIA_SMI": str(smi)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.load(open(tmp_path / "gpu_check.json"))["gpu"]
     assert report["dry_run"] is True
@@ -32,7 +36,15 @@ def test_dry_run_runs_every_section(tmp_path):
     against = report["against_plain_dali"]  # the pipeline goals, measured on the device in a real check
     assert all(against[k] > 0 for k in ("ours_vs_plain", "ours_vs_decode", "ours_images_per_s", "decode_images_per_s"))
     # each section saved its results as it ended: a check stopped by a time limit keeps them
-    assert report["sections_done"] == ["pipeline", "model", "trainer", "halves", "recipe_study"]
+    assert report["sections_done"] == ["pipeline", "batches", "model", "trainer", "halves", "review", "recipe_study"]
+    for how in ("with_ring", "without_ring"):  # CPU batches are the pipeline's copies: never changed
+        assert report["batches_intact"][how] == {"batches": 4, "changed": []}
+    lines = report["unexercised"]
+    assert lines["two_halves_bf16"]["exit"] == 0 and lines["two_halves_bf16"]["steps"] > 0
+    assert lines["rng_restore_equal"] is True and lines["neighbours"]["exit"] == 0
+    assert set(report["review_ratios"]) == {"c1_lrn_cast", "c2_cudnn_benchmark", "c4_momentum_channels_last"}
+    assert all(v["after_over_before"] > 0 for v in report["review_ratios"].values())
+    assert report["driver"] == {"driver": "550.54.15", "cuda": "12.4"}  # the faked nvidia-smi's
     study = report["recipe_study"]["runs"]
     assert sorted(study) == ["cuda-convnet2@4", "paper"]  # the dry run's two: one at --batch-size, one at NAME@B
     assert study["cuda-convnet2@4"]["batch_size"] == 4 and study["cuda-convnet2@4"]["lr"] == pytest.approx(0.01 * 4 / 128)

@@ -11,6 +11,7 @@ import time
 
 from tools.dev.bench.common import (_epoch_rate, _epoch_timing, _interleaved, _line, _model_rate, _quiet, _shards,
                                     _trainer_rate)
+from tools.dev.bench.gpu_review import batches_intact, review_ratios, unexercised_lines
 
 # nvJPEG (GPU) and libjpeg-turbo (CPU) may round the IDCT and the chroma upsampling differently: DALI's
 # own decoder tests accept a mean difference of about one grey level, and a maximum of a few levels.
@@ -71,8 +72,11 @@ def bench_gpu(a) -> dict:
     dev = "cpu" if dry else "cuda"
     images, batch = (a.images or (32 if dry else 3072)), (a.batch or (8 if dry else 256))
     steps = a.steps or (2 if dry else 40)
+    from tools.dev.bench.driver import driver_info
     report = Report(a.json, device="cpu (dry run)" if dry else torch.cuda.get_device_name(), dry_run=dry,
-                    torch=torch.__version__, images=images, batch=batch, date=time.strftime("%Y-%m-%d"))
+                    torch=torch.__version__, images=images, batch=batch, date=time.strftime("%Y-%m-%d"),
+                    driver=driver_info(),  # {"driver", "cuda"} from nvidia-smi, or None
+                    torch_cuda=torch.version.cuda)
     try:
         import nvidia.dali
         report["dali"] = nvidia.dali.__version__
@@ -122,6 +126,14 @@ def bench_gpu(a) -> dict:
         report["against_plain_dali"] = _against_plain_dali(out, batch, dev, rounds=1 if dry else 5)
         report.save("pipeline")
 
+        # 1b. DALI's zero-copy batches while the host runs ahead of a busy GPU (the review's B1)
+        print("1b. training batches hashed before and after a GPU sleep (the host runs ahead, drops them)")
+        report["batches_intact"] = batches_intact(out, min(batch, 64), dev, n=4 if dry else 12)
+        for how, r in report["batches_intact"].items():
+            print(f"   {how.replace('_', ' ')}: {len(r['changed'])} of {r['batches']} batches changed while queued"
+                  f"{'  <- DALI reused memory still being read' if r['changed'] else ''}")
+        report.save("batches")
+
         # 2. the model alone, synthetic batches: bf16 autocast, channels-last, with/without torch.compile
         print("2. AlexNet training step on synthetic batches")
         flops = alexnet_train_flops(10)
@@ -164,6 +176,19 @@ def bench_gpu(a) -> dict:
         report["halves"][label] = _halves_diff(devices)
         print(f"   {label}: max |logit diff| {report['halves'][label]:.2e}")
     report.save("halves")
+
+    # 4b. the review's unexercised lines, and its speed fixes against their former selves
+    print("4b. two halves in bf16 (eager, compiled), CUDA RNG restore, neighbours on the device; C1, C2, C4")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _shards(tmp, min(images, 512))
+        _quiet(compute_pca.main, [out, "--quiet"])
+        report["unexercised"] = unexercised_lines(tmp, out, dev, min(batch, 64), dry)
+    for k, v in report["unexercised"].items():
+        print(f"   {k}: {v}")
+    report["review_ratios"] = review_ratios(dev, 8 if dry else 128, 2 if dry else 20, rounds=1 if dry else 3)
+    for k, v in report["review_ratios"].items():
+        print(f"   {k}: after / before {v['after_over_before']:.3f}x (rounds {v['rounds']})")
+    report.save("review")
 
     # 5. the recipe study (tools/dev/init_study.py) on the generated 100-class set: which recipes leave chance
     if a.study_epochs != 0:

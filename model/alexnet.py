@@ -65,6 +65,9 @@ class AlexNetConfig:
     extra_conv: bool = False         # Table 2's sixth conv layer after pool5 (CONV6)
     width: float = 1.0               # every layer's maps and units times this (1 = the paper's; fewer only
                                      # for quick runs: 1/8 trains a step ~15x faster on a CPU)
+    input_size: int = 224            # the crops' side: 224 with conv1 padded by 2 (as torchvision), or 227 with
+                                     # conv1 unpadded (Caffe's bvlc_alexnet, the mission's layer table); both
+                                     # give conv1 55x55 maps, so every weight has the same shape
 
     def __post_init__(self):
         checks = {"lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
@@ -76,6 +79,8 @@ class AlexNetConfig:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if not 0 < self.width <= 1:
             raise ValueError(f"width must be in (0, 1], not {self.width}")
+        if self.input_size not in CONV1_PADDING:
+            raise ValueError(f"input_size must be one of {tuple(CONV1_PADDING)}, not {self.input_size}")
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -83,12 +88,18 @@ def _scaled(channels: int, width: float) -> int:
     return 2 * max(1, round(channels * width / 2))
 
 
+# conv1's padding for each input size: (224 + 2 * 2 - 11) // 4 + 1 = 55 = (227 - 11) // 4 + 1
+CONV1_PADDING = {224: 2, 227: 0}
+
+
 def conv_layers(cfg: AlexNetConfig) -> list[tuple[str, int, int, int, int, int, int]]:
-    """CONVS (and CONV6 with extra_conv) at the config's width, in forward order."""
+    """CONVS (and CONV6 with extra_conv) at the config's width, in forward order; conv1's padding
+    follows the input size."""
     specs = list(CONVS) + ([CONV6] if cfg.extra_conv else [])
     w = cfg.width
-    return [(name, cin if name == "conv1" else _scaled(cin, w), _scaled(cout, w), *rest)
-            for name, cin, cout, *rest in specs]
+    return [(name, cin if name == "conv1" else _scaled(cin, w), _scaled(cout, w), k, stride,
+             CONV1_PADDING[cfg.input_size] if name == "conv1" else pad, groups)
+            for name, cin, cout, k, stride, pad, groups in specs]
 
 
 def fc_layers(cfg: AlexNetConfig) -> list[tuple[str, int, int]]:
@@ -140,8 +151,18 @@ def init_weights(model: nn.Module, cfg: AlexNetConfig) -> None:
         nn.init.constant_(mod.bias, INIT_BIAS[cfg.init] if layer in ONE_BIASES else 0.0)
 
 
+def check_input(x: torch.Tensor, cfg: AlexNetConfig) -> None:
+    """UsageError unless the images are the model's crops: a 224 model fed 227 crops (or the reverse) would
+    run, with other conv1 maps than it learned, or fail deep inside fc6."""
+    if tuple(x.shape[-2:]) != (cfg.input_size, cfg.input_size):
+        from model.errors import UsageError
+        raise UsageError(f"the images are {x.shape[-2]}x{x.shape[-1]}, and this model takes {cfg.input_size}x"
+                         f"{cfg.input_size} crops (its input_size); load its crops from the checkpoint")
+
+
 class AlexNet(nn.Module):
-    """The grouped, one-device layout. forward: float [N, 3, 224, 224] -> logits [N, num_classes]."""
+    """The grouped, one-device layout. forward: float [N, 3, S, S] -> logits [N, num_classes], S its input_size
+    (224, or 227 with conv1 unpadded)."""
 
     def __init__(self, num_classes: int = 1000, cfg: AlexNetConfig | None = None, **options):
         """AlexNet(num_classes=1000, init="caffe", ...) as torchvision's constructors, or AlexNet(cfg=config)."""
@@ -173,6 +194,7 @@ class AlexNet(nn.Module):
         return out.view(n, h, w, c).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.cfg)
         for name in self.convs:
             x = conv_block(x, getattr(self, name), self.half_lrn, name, self.lrn_after)
         return x
@@ -231,6 +253,7 @@ class TwoDeviceAlexNet(nn.Module):
 
     def _hidden_both(self, x: torch.Tensor) -> list[torch.Tensor]:
         """fc7's whole output (both halves' units), once on each device."""
+        check_input(x, self.cfg)
         if torch.is_autocast_enabled(x.device.type):  # conv1 would cast it anyway: copy half the bytes
             x = x.to(torch.get_autocast_dtype(x.device.type))
         xs = [x.to(d, non_blocking=True) for d in self.devices]

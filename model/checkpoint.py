@@ -247,6 +247,12 @@ def check_classes(path: str, ckpt: dict, manifest: dict, shards: str) -> None:
                          "were (make_shards.py --size, --keep-aspect)")
 
 
+def input_size(ckpt: dict) -> int:
+    """The side of the crops a checkpoint's model takes: 224, or 227 (conv1 unpadded); 224 for checkpoints
+    written before the choice existed."""
+    return int(ckpt.get("model_config", {}).get("input_size", 224))
+
+
 # What make_shards did to an image that changes what a crop of it shows (not quality or the resize filter).
 PREPROCESSING_SEEN = ("size", "keep_aspect")
 

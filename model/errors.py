@@ -62,6 +62,9 @@ def command(prog: str, hint: str = ""):
                     return main(*args, **kwargs)
                 except KeyboardInterrupt as e:
                     return stopped(prog, e, hint)
+                except UsageError as e:  # met after main's own checks (a model fed crops of another size)
+                    print(f"{prog}: {e}", file=sys.stderr)
+                    return 2
                 except ShardError as e:
                     print(f"{prog}: {e}", file=sys.stderr)
                     return 1

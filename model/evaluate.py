@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from model.checkpoint import check_classes, load_checkpoint, load_model
+from model.checkpoint import check_classes, input_size, load_checkpoint, load_model
 from model.devices import parse_devices
 from model.errors import UsageError, command
 from model.evaluation import Ensemble, batch_probs, open_manifest, open_val, percent, summarize
@@ -59,6 +59,9 @@ def check_ensemble(paths: list[str], shards: str) -> tuple[dict, dict]:
         if first is None:
             first = ckpt
             continue
+        if input_size(ckpt) != input_size(first):
+            raise UsageError(f"{path}: takes {input_size(ckpt)} crops, {paths[0]} takes {input_size(first)}; an "
+                             "ensemble's models must see the same crops")
         differ = [k for k in EVAL_INPUT if ckpt["normalization"][k] != first["normalization"][k]]
         if differ:
             raise UsageError(f"{path}: was trained with another input normalization than {paths[0]} "
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
         first, manifest = check_ensemble(a.checkpoint, a.shards)
         loader = open_val(a.shards, batch_size=a.batch_size, device=device, crop="ten" if a.ten_crop else "center",
                           backend=a.backend, normalization=Normalization.from_dict(first["normalization"]),
-                          verify=a.verify, channels_last=device.startswith("cuda"))
+                          verify=a.verify, channels_last=device.startswith("cuda"), crop_size=input_size(first))
     except UsageError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def fc7_dead_now(run) -> float:
     if run.probe is None:
         loader = make_loader(run.cfg.shards, "val", batch_size=64, device=str(run.device), crop="center",
                              backend=run.cfg.backend, normalization=run.norm, verify=run.cfg.verify,
-                             num_threads=run.cfg.loader_threads)
+                             num_threads=run.cfg.loader_threads, crop_size=run.model_cfg.input_size)
         run.probe = next(iter(loader))[0]
     return fc7_dead_share(run.model, run.probe)
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.checkpoint import load_model
+from model.checkpoint import input_size, load_model
 from model.devices import parse_devices
 from model.errors import UsageError, command
 from pipeline.images import shard_image
@@ -34,16 +34,17 @@ from pipeline.shards import error_text
 SHARD_OPTIONS = ("size", "keep_aspect", "quality", "resample", "draft")  # of dataset.json's preprocessing
 
 
-def preprocess(path: str, norm: Normalization, preprocessing: dict | None = None) -> torch.Tensor:
-    """An image file -> float32 [3, 224, 224], as the evaluation's centre crop sees the shard image
-    make_shards would make of it (`preprocessing`: dataset.json's, from the checkpoint)."""
+def preprocess(path: str, norm: Normalization, preprocessing: dict | None = None, side: int = 224) -> torch.Tensor:
+    """An image file -> float32 [3, side, side], as the evaluation's centre crop sees the shard image
+    make_shards would make of it (`preprocessing`: dataset.json's, from the checkpoint; side: the model's
+    input_size, the checkpoint's too)."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block the read, or never end
         raise ValueError("not a regular file")
     with open(path, "rb") as f:
         data = f.read()
     jpg, _ = shard_image(data, **{k: v for k, v in (preprocessing or {}).items() if k in SHARD_OPTIONS})
     img = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
-    return torch.from_numpy(norm.apply(crop(img, 0.5, 0.5, flip=False)))
+    return torch.from_numpy(norm.apply(crop(img, 0.5, 0.5, flip=False, size=side)))
 
 
 @command("predict")
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
             paths, inputs = [], []
             for path in a.images[start:start + a.batch_size]:
                 try:
-                    inputs.append(preprocess(path, ckpt["normalization"], ckpt.get("preprocessing")))
+                    inputs.append(preprocess(path, ckpt["normalization"], ckpt.get("preprocessing"),
+                                             input_size(ckpt)))
                     paths.append(path)
                 except Exception as e:  # noqa: BLE001 - any unreadable file: named, the others go on
                     bar.clear()

@@ -69,6 +69,9 @@ class Recipe:
                                  "3x3, each half on its own, fc6 unchanged; README 'Reproducing the paper')")
     width: float = _f(1.0, "every layer's maps and units times this (1 = the paper's; 1/8 for a quick "
                            "smoke run on a CPU, ~15x faster a step)")
+    input_size: int = _f(224, "the crops' side in px: 224 (section 2's crops; conv1 padded by 2, as torchvision) "
+                              "or 227 (conv1 unpadded, as Caffe's bvlc_alexnet and the layer table); conv1 gives "
+                              "55x55 maps either way, so the weights' shapes are the same")
     # input
     input_norm: str = _f("mean", "the normalization mode (pipeline/normalization.py): 'mean': x - mean in 0-255 "
                                  "units (cuda-convnet2 convdata.py); 'std': (x/255 - mean) / std; 'none': raw 0-255")
@@ -80,7 +83,7 @@ class Recipe:
         from model.alexnet import AlexNetConfig
         return AlexNetConfig(num_classes=num_classes, lrn_layers=self.lrn_layers, lrn_convention=self.lrn_convention,
                              lrn_k=self.lrn_k, dropout=self.dropout, init=self.init, extra_conv=self.extra_conv,
-                             width=self.width)
+                             width=self.width, input_size=self.input_size)
 
     def validate(self) -> None:
         """ValueError naming the flag and what is wrong."""
@@ -93,6 +96,8 @@ class Recipe:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag(f.name)} must be a finite number, not {value}")
+        if self.input_size not in (224, 227):
+            raise ValueError(f"--input-size must be 224 or 227, not {self.input_size}")
         if self.batch_size > MAX_BATCH:
             raise ValueError(f"--batch-size {self.batch_size}: more than {MAX_BATCH} images per step")
         for name, allowed in choices.items():
@@ -121,7 +126,10 @@ RECIPES: dict[str, Recipe] = {
     # bvlc_alexnet: batch 256, lr 0.01 / 10 every 100k of 450k iterations: 20 and 90 epochs of ImageNet's
     # 1.28M images; no lighting; LRN with Caffe's default k = 1; 57.1 % / 80.2 % top-1 / top-5 accuracy.
     "caffe": replace(Recipe(), batch_size=256, lr_batch=256, schedule="step", step_epochs=20, init="caffe",
-                     lrn_k=1.0, lighting=False, train_scale=1.0),
+                     lrn_k=1.0, lighting=False, train_scale=1.0, input_size=227),  # crop_size 227, conv1 pad 0
+    # The mission's layer table: 227x227x3 input, conv1 11x11 stride 4 'valid', and Local Response
+    # Normalization listed after each of the five convolutions; everything else the paper recipe's.
+    "layer-table": replace(Recipe(), input_size=227, lrn_layers="all"),
 }
 
 SOURCES = {
@@ -129,6 +137,8 @@ SOURCES = {
               "paper: 40.7 % / 18.2 % top-1 / top-5 error, one model, 10 crops (ILSVRC-2012 val)"),
     "caffe": ("BVLC/caffe models/bvlc_alexnet (PR #327)",
               "57.1 % / 80.2 % top-1 / top-5 accuracy, centre crop (its readme)"),
+    "layer-table": ("the layer table this project was started from: 227 input, conv1 'valid', LRN after conv1-5; "
+                    "the paper recipe otherwise", "none published"),
 }
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))

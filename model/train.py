@@ -202,7 +202,8 @@ def build_run(cfg: TrainConfig, recipe: Recipe, rank: int, world: int, devices: 
         else:
             norm = Normalization.from_shards(cfg.shards, recipe.input_norm, recipe.train_scale)
         loader_args = dict(device=str(device), rank=rank, world_size=world, seed=cfg.seed, backend=cfg.backend,
-                           num_threads=cfg.loader_threads, normalization=norm, verify=cfg.verify)
+                           num_threads=cfg.loader_threads, normalization=norm, verify=cfg.verify,
+                           crop_size=recipe.input_size)  # the model's input: 224, or 227 with conv1 unpadded
         train_loader = make_loader(cfg.shards, "train", batch_size=recipe.batch_size // world,
                                    channels_last=channels_last, lighting=recipe.lighting, **loader_args)
         val_loader = make_loader(cfg.shards, "val", batch_size=max(1, recipe.batch_size // world),

@@ -20,7 +20,7 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
                 rank: int = 0, world_size: int = 1, seed: int = 0, crop: str | None = None,
                 normalization="mean", lighting: bool | None = None, flip: bool | None = None,
                 shuffle: bool | None = None, channels_last: bool = False, num_threads: int = 0,
-                backend: str = "auto", verify: bool = True):
+                backend: str = "auto", verify: bool = True, crop_size: int = 224):
     """A loader over `split` of a shard directory (see pipeline/loader.py's LoaderConfig).
 
     Defaults follow the split: train takes random crops, flips, lighting and a new
@@ -30,7 +30,8 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
     trainer's or a checkpoint's; pca.json is then not read). backend: "dali", "wds", "auto" (DALI if it imports), or
     "synthetic" (fixed random batches of the split's size, for measuring the trainer alone).
     verify: check each shard's sha256 against dataset.json before its samples leave the loader
-    (once per loader, in the background; pipeline/verify.py).
+    (once per loader, in the background; pipeline/verify.py). crop_size: the crops' side, 224 (the
+    paper's) or 227 (conv1 unpadded; a model's AlexNetConfig.input_size says which).
     """
     from pipeline.loader import LoaderConfig
 
@@ -38,7 +39,7 @@ def make_loader(shards_dir: str, split: str = "train", batch_size: int = 128, de
     crop = crop or ("random" if train else "center")
     augment = crop == "random"
     cfg = LoaderConfig(shards_dir=shards_dir, split=split, batch_size=batch_size, device=str(device), rank=rank,
-                       world_size=world_size, seed=seed, crop=crop, normalization=normalization,
+                       world_size=world_size, seed=seed, crop=crop, crop_size=crop_size, normalization=normalization,
                        lighting=augment if lighting is None else lighting,
                        flip=augment if flip is None else flip,
                        shuffle=train if shuffle is None else shuffle,

@@ -47,7 +47,7 @@ def dali_reason(error: Exception) -> str:
     return lines[0] if lines else repr(error)
 
 
-def decode(jpg, gpu: bool, hw_decoder_load: float, roi=None):
+def decode(jpg, gpu: bool, hw_decoder_load: float, roi=None, side: int = plan.CROP):
     """Decoded RGB images; with roi=(x, y), only the plan's 224 crop at crop_pos (x, y), as
     fn.crop_mirror_normalize would place it (the same anchor rounding: DALI's crop window): libjpeg-turbo
     on the CPU and nvJPEG on the GPU skip what lies outside it. On the CPU the pixels equal a full decode's,
@@ -62,12 +62,13 @@ def decode(jpg, gpu: bool, hw_decoder_load: float, roi=None):
         kw = dict(device="cpu")
     if roi is None:
         return fn.decoders.image(jpg, output_type=types.RGB, **kw)
-    return fn.decoders.image_crop(jpg, output_type=types.RGB, crop=(plan.CROP, plan.CROP), crop_pos_x=roi[0],
+    return fn.decoders.image_crop(jpg, output_type=types.RGB, crop=(side, side), crop_pos_x=roi[0],
                                   crop_pos_y=roi[1], **kw)
 
 
 @pipeline_def
-def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str, hw_decoder_load: float = 0.65):
+def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str, hw_decoder_load: float = 0.65,
+                   side: int = plan.CROP):
     """feed() -> one batch: (encoded JPEGs, labels) and, for crop="random", (crop_x, crop_y, mirror,
     mean) per sample. shift, divisor: [3] in 0-255 units."""
     random = crop == "random"
@@ -76,13 +77,14 @@ def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str, hw_d
     cmn = dict(dtype=types.FLOAT, output_layout=layout)
     if random:  # only the crop is decoded (a region of interest): 224^2 of 256^2 pixels, 77 %
         crop_x, crop_y, mirror, mean = outputs[2:]
-        out = fn.crop_mirror_normalize(decode(jpg, gpu, hw_decoder_load, (crop_x, crop_y)), mirror=mirror,
+        out = fn.crop_mirror_normalize(decode(jpg, gpu, hw_decoder_load, (crop_x, crop_y), side), mirror=mirror,
                                        mean=mean, std=divisor, **cmn)
     elif crop == "center":
-        out = fn.crop_mirror_normalize(decode(jpg, gpu, hw_decoder_load, (0.5, 0.5)), mean=shift, std=divisor, **cmn)
+        out = fn.crop_mirror_normalize(decode(jpg, gpu, hw_decoder_load, (0.5, 0.5), side), mean=shift, std=divisor,
+                                       **cmn)
     else:  # the paper's ten crops: corners and centre, then mirrored; together they cover the image
         images = decode(jpg, gpu, hw_decoder_load)
-        out = fn.stack(*[fn.crop_mirror_normalize(images, crop=(plan.CROP, plan.CROP), crop_pos_x=x, crop_pos_y=y,
+        out = fn.stack(*[fn.crop_mirror_normalize(images, crop=(side, side), crop_pos_x=x, crop_pos_y=y,
                                                   mirror=m, mean=shift, std=divisor, **cmn)
                          for m in (0, 1) for x, y in plan.TEN_CROP_POSITIONS])
     if gpu:
@@ -188,7 +190,8 @@ class DaliLoader(ShardLoader):
         #                             the pipeline at once (a pipeline left to the garbage collector can be
         #                             destroyed inside a forked DataLoader worker, which crashes it)
         pipe = shard_pipeline(lambda: loader()._feed(), self.gpu, c.crop, self.shift.tolist(), self.divisor.tolist(),
-                              self._layout, c.hw_decoder_load, batch_size=c.batch_size, num_threads=self.threads,
+                              self._layout, c.hw_decoder_load, side=c.crop_size, batch_size=c.batch_size,
+                              num_threads=self.threads,
                               device_id=self.device_id, seed=c.seed, prefetch_queue_depth=2)
         pipe.build()
         self._it = DALIGenericIterator([pipe], ["images", "labels"])

@@ -26,6 +26,7 @@ class LoaderConfig:
     world_size: int = 1
     seed: int = 0
     crop: str = "random"            # "random" (train), "center" or "ten" (eval)
+    crop_size: int = 224            # px: the crops' side (224, the paper's; 227 for conv1 unpadded: plan.py)
     normalization: Normalization | str = "mean"  # a mode, with SHARDS/pca.json's numbers: "mean" (x - 255 mean,
                                     # 0-255 units: the paper and its code, the default), "std" ((x/255 - mean) / std),
                                     # "none" (raw 0-255); or a whole Normalization (the trainer's, a checkpoint's)
@@ -67,6 +68,8 @@ class ShardLoader:
     def __init__(self, cfg: LoaderConfig):
         if cfg.crop not in ("random", "center", "ten"):
             raise ValueError(f"crop must be 'random', 'center' or 'ten', not {cfg.crop!r}")
+        if cfg.crop_size not in plan.CROP_SIZES:
+            raise ValueError(f"crop_size must be one of {plan.CROP_SIZES}, not {cfg.crop_size}")
         if cfg.batch_size < 1 or not 0 <= cfg.rank < cfg.world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {cfg.batch_size}, "
                              f"{cfg.rank}, {cfg.world_size})")
@@ -91,6 +94,9 @@ class ShardLoader:
                                  f"({len(entries)} indexed, manifest says {s['samples']})")
         self.counts = [len(e) for e in self.entries]
         self.size = self.manifest["preprocessing"]["size"]
+        if self.size < cfg.crop_size:  # --size 224 shards hold no 227 crop
+            raise ShardError(f"{cfg.shards_dir}: its images are {self.size} px, smaller than the {cfg.crop_size} "
+                             "crops asked for")
         self.norm = cfg.normalization
         if not isinstance(self.norm, Normalization):
             try:
@@ -170,7 +176,7 @@ class ShardLoader:
     # -- shared augmentation inputs -----------------------------------------
     def params(self, epoch: int, batch: int) -> plan.BatchParams:
         return plan.batch_params(self.cfg.seed, epoch, self.cfg.rank, batch, self.cfg.batch_size,
-                                 free=self.size - plan.CROP)
+                                 free=self.size - self.cfg.crop_size)
 
     def lighting_offsets(self, p: plan.BatchParams) -> np.ndarray:
         """[B, 3] RGB offsets in 0-255 units (zeros without lighting)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CROP = 224          # px, the paper's crop of the 256 px images (section 2)
+CROP_SIZES = (224, 227)  # 227: Caffe's bvlc_alexnet and the mission's layer table (conv1 unpadded)
 LIGHTING_STD = 0.1  # std of the lighting alphas (paper, section 4.1; cuda-convnet2 color_noise=0.1)
 TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # corners, centre: (x, y) in [0, 1]
 
@@ -94,9 +95,10 @@ def crop_offset(position: float, size: int, crop: int = CROP) -> int:
     return int(np.floor(position * (size - crop) + 0.5))
 
 
-def crop(img: np.ndarray, x: float, y: float, flip: bool) -> np.ndarray:
-    """The 224 crop at fractional position (x, y) of an HWC image, mirrored if `flip` (a view)."""
+def crop(img: np.ndarray, x: float, y: float, flip: bool, size: int = CROP) -> np.ndarray:
+    """The size x size crop (224, or 227) at fractional position (x, y) of an HWC image, mirrored if `flip`
+    (a view)."""
     h, w, _ = img.shape
-    x0, y0 = crop_offset(x, w), crop_offset(y, h)
-    out = img[y0:y0 + CROP, x0:x0 + CROP]
+    x0, y0 = crop_offset(x, w, size), crop_offset(y, h, size)
+    out = img[y0:y0 + size, x0:x0 + size]
     return out[:, ::-1] if flip else out

@@ -16,7 +16,8 @@ class SyntheticLoader(ShardLoader):
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
         g = torch.Generator().manual_seed(cfg.seed)
-        shape = (cfg.batch_size, 10, 3, 224, 224) if cfg.crop == "ten" else (cfg.batch_size, 3, 224, 224)
+        side = cfg.crop_size
+        shape = (cfg.batch_size, 10, 3, side, side) if cfg.crop == "ten" else (cfg.batch_size, 3, side, side)
         images = torch.randn(shape, generator=g)
         if cfg.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -83,7 +83,7 @@ class _Batches(_LoaderRef, torch.utils.data.Dataset):
 
     def _batch(self, epoch: int, k: int, pairs: np.ndarray):
         ld, cfg = self.loader, self.loader.cfg
-        images, labels = [], []
+        images, labels, side = [], [], self.loader.cfg.crop_size
         if cfg.crop == "random":
             p = ld.params(epoch, k)
             lights = ld.lighting_offsets(p) if cfg.lighting else [None] * len(pairs)
@@ -100,11 +100,11 @@ class _Batches(_LoaderRef, torch.utils.data.Dataset):
                 raise ShardError(f"{path}: sample {key} is corrupt ({error_text(e)})") from None
             if cfg.crop == "random":
                 flip = bool(p.flip[j]) and cfg.flip
-                images.append(ld.norm.apply(plan.crop(img, p.crop_x[j], p.crop_y[j], flip), lights[j]))
+                images.append(ld.norm.apply(plan.crop(img, p.crop_x[j], p.crop_y[j], flip, side), lights[j]))
             elif cfg.crop == "center":
-                images.append(ld.norm.apply(plan.crop(img, 0.5, 0.5, False)))
+                images.append(ld.norm.apply(plan.crop(img, 0.5, 0.5, False, side)))
             else:  # the paper's ten crops: corners and centre, then the same mirrored
-                images.append(np.stack([ld.norm.apply(plan.crop(img, x, y, flip)) for flip in (False, True)
+                images.append(np.stack([ld.norm.apply(plan.crop(img, x, y, flip, side)) for flip in (False, True)
                                         for x, y in plan.TEN_CROP_POSITIONS]))
         x = torch.from_numpy(np.stack(images))
         if cfg.channels_last and x.dim() == 4:

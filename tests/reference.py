@@ -11,8 +11,11 @@ import math
 import numpy as np
 
 CROP = 224
-# (x, y) of the ten crops' top-left corners in a 256 x 256 image: the four corners, the centre.
-TEN_CORNERS_256 = ((0, 0), (32, 0), (0, 32), (32, 32), (16, 16))
+# (x, y) of the ten crops' top-left corners in a 256 x 256 image: the four corners, the centre; for 224
+# crops (free range 32) and 227 crops (free range 29: the centre 14.5 rounds half up, as DALI's window does).
+TEN_CORNERS_256 = {224: ((0, 0), (32, 0), (0, 32), (32, 32), (16, 16)),
+                   227: ((0, 0), (29, 0), (0, 29), (29, 29), (15, 15))}
+CENTRE_256 = {224: 16, 227: 15}
 
 
 def lighting(alpha, pca: dict) -> np.ndarray:
@@ -34,10 +37,10 @@ def normalize(x: np.ndarray, mode: str, pca: dict) -> np.ndarray:
 
 
 def augment(img: np.ndarray, left: int, top: int, flip: bool, light, mode: str, pca: dict,
-            train_scale: float = 1.0) -> np.ndarray:
+            train_scale: float = 1.0, crop: int = CROP) -> np.ndarray:
     """uint8 HWC image -> float64 CHW: crop at pixel (left, top), mirror, add `light` (0-255
     units, None for none), normalize; batches with lighting are then times train_scale."""
-    x = img[top:top + CROP, left:left + CROP].astype(np.float64)
+    x = img[top:top + crop, left:left + crop].astype(np.float64)
     if flip:
         x = x[:, ::-1]
     if light is not None:
@@ -48,10 +51,10 @@ def augment(img: np.ndarray, left: int, top: int, flip: bool, light, mode: str, 
     return x.transpose(2, 0, 1)
 
 
-def ten_crop(img: np.ndarray, mode: str, pca: dict) -> np.ndarray:
-    """[10, 3, 224, 224] of a 256 x 256 image: corners and centre, then the same five mirrored."""
-    return np.stack([augment(img, x, y, flip, None, mode, pca) for flip in (False, True)
-                     for x, y in TEN_CORNERS_256])
+def ten_crop(img: np.ndarray, mode: str, pca: dict, crop: int = CROP) -> np.ndarray:
+    """[10, 3, crop, crop] of a 256 x 256 image: corners and centre, then the same five mirrored."""
+    return np.stack([augment(img, x, y, flip, None, mode, pca, crop=crop) for flip in (False, True)
+                     for x, y in TEN_CORNERS_256[crop]])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -402,3 +402,22 @@ def test_momentum_restored_beside_channels_last_weights_is_channels_last():
         assert buf.stride() == p.stride(), name
         assert torch.equal(buf, state["momentum"][name]), name
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the case that mattered
+
+
+def test_227_input_with_conv1_unpadded_keeps_every_shape():
+    """The layer table's geometry by hand: (227 - 11) / 4 + 1 = 55 with padding 0, as (224 + 2*2 - 11) // 4 + 1
+    = 55 with padding 2; every later map, and so every weight, is the same size."""
+    small = AlexNet(cfg=AlexNetConfig(num_classes=10, input_size=227))
+    assert small.conv1.padding == (0, 0) and small.conv1.stride == (4, 4) and small.conv1.kernel_size == (11, 11)
+    assert AlexNet(cfg=AlexNetConfig(num_classes=10)).conv1.padding == (2, 2)
+    with torch.no_grad():
+        assert tuple(small.conv1(torch.zeros(1, 3, 227, 227)).shape) == (1, 96, 55, 55)
+        assert tuple(small.features(torch.zeros(1, 3, 227, 227)).shape) == (1, 256, 6, 6)
+        assert tuple(small(torch.zeros(2, 3, 227, 227)).shape) == (2, 10)
+    shapes = {k: tuple(v.shape) for k, v in AlexNet(cfg=AlexNetConfig(num_classes=10)).state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in small.state_dict().items()}
+    with pytest.raises(Exception, match="the images are 224x224, and this model takes 227x227 crops"):
+        small(torch.zeros(1, 3, 224, 224))
+    split = TwoDeviceAlexNet(AlexNetConfig(num_classes=10, input_size=227), ("cpu", "cpu"))
+    with torch.no_grad():
+        assert tuple(split(torch.zeros(1, 3, 227, 227)).shape) == (1, 10)

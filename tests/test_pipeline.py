@@ -45,19 +45,22 @@ def reference_batches(loader, decoded, epoch: int, mode: str, train_scale: float
     pca = pca_of(cfg.shards_dir)
     imgs, labels = decoded[cfg.split]
     order = loader._order(epoch)
+    side = cfg.crop_size
+    free = 256 - side  # 32 for 224 crops, 29 for 227
     for b in range(len(loader)):
         pairs = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         if cfg.crop == "random":
-            p = plan.batch_params(cfg.seed, epoch, cfg.rank, b, cfg.batch_size)
-            x = [reference.augment(imgs[s][i], round(32 * float(p.crop_x[j])), round(32 * float(p.crop_y[j])),
+            p = plan.batch_params(cfg.seed, epoch, cfg.rank, b, cfg.batch_size, free=free)
+            x = [reference.augment(imgs[s][i], round(free * float(p.crop_x[j])), round(free * float(p.crop_y[j])),
                                    bool(p.flip[j]) and cfg.flip,
                                    reference.lighting(p.alpha[j], pca) if cfg.lighting else None, mode, pca,
-                                   train_scale)
+                                   train_scale, crop=side)
                  for j, (s, i) in enumerate(pairs)]
         elif cfg.crop == "center":
-            x = [reference.augment(imgs[s][i], 16, 16, False, None, mode, pca) for s, i in pairs]
+            c = reference.CENTRE_256[side]
+            x = [reference.augment(imgs[s][i], c, c, False, None, mode, pca, crop=side) for s, i in pairs]
         else:
-            x = [reference.ten_crop(imgs[s][i], mode, pca) for s, i in pairs]
+            x = [reference.ten_crop(imgs[s][i], mode, pca, crop=side) for s, i in pairs]
         yield np.stack(x), np.array([labels[s][i] for s, i in pairs])
 
 
@@ -88,6 +91,15 @@ def test_crop_offsets_cover_all_33_positions_uniformly():
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 70  # 32 degrees of freedom: P(chi2 > 70) < 1e-4 for a uniform draw
     assert {plan.crop_offset(k / 32, 256) for k in range(33)} == set(range(33))  # k/32 is exact
+
+
+def test_227_crops_draw_every_offset_0_to_29(shards):
+    """227 crops of the 256 images: 30 offsets a side (256 - 227 = 29), each drawn, and nothing beyond."""
+    loader = make_loader(shards, "train", batch_size=128, backend="wds", crop_size=227, verify=False)
+    xs = np.concatenate([loader.params(0, b).crop_x for b in range(100)])
+    offsets = np.array([plan.crop_offset(float(x), 256, 227) for x in xs])
+    assert set(offsets.tolist()) == set(range(30))
+    assert np.allclose(xs * 29, np.round(xs * 29), atol=1e-4)  # k / 29: whole offsets, as DALI's window takes them
 
 
 def test_flip_rate_is_one_half():
@@ -168,9 +180,10 @@ def test_rank_orders_are_disjoint_exactly_once_and_reshuffled():
 
 # ---------------------------------------------------------------- the loaders
 
+@pytest.mark.parametrize("side", [224, 227])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_train_batches_match_reference(shards, decoded, backend):
-    loader = make_loader(shards, "train", batch_size=16, backend=backend, seed=7, num_threads=2)
+def test_train_batches_match_reference(shards, decoded, backend, side):
+    loader = make_loader(shards, "train", batch_size=16, backend=backend, seed=7, num_threads=2, crop_size=side)
     assert_matches_reference(loader, decoded, epoch=0)
     assert_matches_reference(loader, decoded, epoch=3, max_batches=1)
 
@@ -201,12 +214,13 @@ def test_mean_only_normalization_is_the_default(shards, decoded, backend):
     assert 30 < x.std() < 120 and abs(x.mean()) < 30
 
 
+@pytest.mark.parametrize("side", [224, 227])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("crop", ["center", "ten"])
-def test_eval_crops_match_reference(shards, decoded, backend, crop):
-    loader = make_loader(shards, "val", batch_size=8, backend=backend, crop=crop, num_threads=2)
+def test_eval_crops_match_reference(shards, decoded, backend, crop, side):
+    loader = make_loader(shards, "val", batch_size=8, backend=backend, crop=crop, num_threads=2, crop_size=side)
     x, _ = next(iter(loader))
-    assert tuple(x.shape) == ((8, 3, 224, 224) if crop == "center" else (8, 10, 3, 224, 224))
+    assert tuple(x.shape) == ((8, 3, side, side) if crop == "center" else (8, 10, 3, side, side))
     assert_matches_reference(loader, decoded, max_batches=1)
 
 
@@ -483,11 +497,14 @@ def test_show_batch_tiles_are_the_batch_as_the_model_sees_it(shards, decoded, tm
     assert len(err) == 1 and "pca.json: missing" in err[0] and not os.path.exists(tmp_path / "x.png")
 
 
+@pytest.mark.parametrize("side, positions", [
+    (224, [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]),   # corners at 0 and 256 - 224 = 32, centre at 16
+    (227, [(0, 0), (29, 0), (0, 29), (29, 29), (15, 15)])])  # 256 - 227 = 29; the centre's 14.5 rounds to 15
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ten_crops_and_centre_crop_of_a_coordinate_image(tmp_path, backend):
+def test_ten_crops_and_centre_crop_of_a_coordinate_image(tmp_path, backend, side, positions):
     """One 256 x 256 image whose red channel is x and green is y (0-255), through make_shards (q95)
     and the loader: each crop's corner pixels name where the crop was taken, and the mirrored
-    crops read x from right to left. Positions by hand: corners at 0 and 32, centre at 16."""
+    crops read x from right to left. Positions by hand."""
     from tools import compute_pca, make_shards
     src = tmp_path / "src"
     for split in ("train", "val"):
@@ -499,18 +516,19 @@ def test_ten_crops_and_centre_crop_of_a_coordinate_image(tmp_path, backend):
     out = str(tmp_path / "shards")
     assert make_shards.main([str(src), out, "--quality", "95", "--workers", "1"]) == 0
     assert compute_pca.main([out, "--quiet"]) == 0
-    for crop, positions in (("ten", [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]), ("center", [(16, 16)])):
+    for crop, where in (("ten", positions), ("center", positions[4:])):
         x, _ = next(iter(make_loader(out, "val", batch_size=1, crop=crop, normalization="none", backend=backend,
-                                     num_threads=1)))
+                                     num_threads=1, crop_size=side)))
         crops = x[0].numpy() if crop == "ten" else x.numpy()
         assert len(crops) == (10 if crop == "ten" else 1)
         for k, c in enumerate(crops):
-            left, top = positions[k % 5]
+            left, top = where[k % 5]
             mirrored = k >= 5
             red, green = c[0], c[1]
-            first_col, last_col = (left + 223, left) if mirrored else (left, left + 223)
+            assert red.shape == (side, side)
+            first_col, last_col = (left + side - 1, left) if mirrored else (left, left + side - 1)
             assert abs(red[:, 0].mean() - first_col) < 3 and abs(red[:, -1].mean() - last_col) < 3, (crop, k)
-            assert abs(green[0].mean() - top) < 3 and abs(green[-1].mean() - (top + 223)) < 3, (crop, k)
+            assert abs(green[0].mean() - top) < 3 and abs(green[-1].mean() - (top + side - 1)) < 3, (crop, k)
 
 
 def test_a_rotated_index_label_column_is_refused(shards, tmp_path):

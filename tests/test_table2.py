@@ -223,3 +223,32 @@ def test_a_resumed_fine_tuning_keeps_its_record_and_refuses_another_parent(runs,
     assert record == json.load(open(runs["fine_config"]))["init_from"]
     assert train.main([*args, "--epochs", "3"]) == 0  # without --init-from: the record stays too
     assert json.load(open(os.path.join(out, "config.json")))["init_from"] == record
+
+
+def test_the_layer_table_trains_and_everything_that_loads_it_takes_227_crops(tiny_shards, tmp_path):
+    """--recipe layer-table: 227 input, conv1 unpadded, LRN after all five convolutions. evaluate, predict,
+    show_predictions and neighbours take the checkpoint's 227 crops without being told (a 224 crop would be
+    refused by the model's input check); a 224 model fed 227 crops is one line."""
+    from model import predict
+    from tools import neighbours, show_predictions
+    out = str(tmp_path / "table")
+    assert train.main(["--shards", tiny_shards, "--out", out, *TINY, "--recipe", "layer-table", "--epochs", "1"]) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["recipe"]["input_size"] == 227 and config["model"]["input_size"] == 227
+    assert config["model"]["lrn_layers"] == "all"
+    ckpt = os.path.join(out, "checkpoint.pt")
+    assert evaluate.main(["--checkpoint", ckpt, "--shards", tiny_shards, "--devices", "cpu", "--ten-crop"]) == 0
+    image = os.path.join(tmp_path, "x.png")
+    from PIL import Image
+    Image.new("RGB", (300, 280), (90, 140, 30)).save(image)
+    assert predict.main(["--checkpoint", ckpt, image]) == 0
+    assert show_predictions.main([ckpt, tiny_shards, str(tmp_path / "p.png"), "--n", "4"]) == 0
+    assert neighbours.main([ckpt, tiny_shards, str(tmp_path / "n.png"), "--queries", "2", "--k", "2",
+                            "--features", str(tmp_path / "f.f16")]) == 0
+
+
+def test_a_224_model_fed_227_crops_is_refused_in_one_line(runs, tiny_shards, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "input_size", lambda ckpt: 227)  # a loader forced to 227, whatever the model
+    assert evaluate.main(["--checkpoint", runs["a"], "--shards", tiny_shards, "--devices", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: ") and "%|" not in line]
+    assert len(err) == 1 and "the images are 227x227, and this model takes 224x224 crops" in err[0], err

@@ -223,10 +223,12 @@ def main(argv=None) -> int:
                 raise UsageError(f"{a.shards}: has no {split} images")
         try:
             # the rank's share of the cores (not 2 threads): one pass over 1.28M images is this tool's cost
-            train_loader = make_loader(a.shards, "train", batch_size=64, device=device, crop="center",
-                                       shuffle=False, normalization=norm, backend=a.backend, channels_last=on_gpu)
+            from model.checkpoint import input_size
+            side = input_size(ckpt)  # the checkpoint's crops, never a flag that could disagree
+            train_loader = make_loader(a.shards, "train", batch_size=64, device=device, crop="center", shuffle=False,
+                                       normalization=norm, backend=a.backend, channels_last=on_gpu, crop_size=side)
             val_loader = make_loader(a.shards, "val", batch_size=min(a.queries, 64), device=device, crop="center",
-                                     normalization=norm, backend=a.backend, channels_last=on_gpu)
+                                     normalization=norm, backend=a.backend, channels_last=on_gpu, crop_size=side)
         except ShardError as e:
             raise UsageError(str(e)) from None
     except UsageError as e:

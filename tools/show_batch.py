@@ -28,13 +28,13 @@ from model.errors import command
 
 def batch_tiles(shards: str, split: str = "train", crop: str = "random", batch_size: int = 16,
                 norm: Normalization | None = None, lighting: bool = True, seed: int = 0,
-                backend: str = "auto") -> list[tuple[np.ndarray, str]]:
+                backend: str = "auto", side: int = 224) -> list[tuple[np.ndarray, str]]:
     """[(uint8 HWC tile, caption)] of the first batch of epoch 0, as the loader yields it."""
     norm = norm or Normalization.from_shards(shards)
     random = crop == "random"
     lit = random and lighting
     loader = make_loader(shards, split, batch_size=batch_size, crop=crop, normalization=norm, lighting=lit,
-                         flip=random, seed=seed, backend=backend, num_threads=2)
+                         flip=random, seed=seed, backend=backend, num_threads=2, crop_size=side)
     images, labels = next(iter(loader))
     pixels = np.clip(norm.unapply(images.double().cpu().numpy(), lit=lit), 0, 255).round().astype(np.uint8)
     names = loader.classes
@@ -47,19 +47,19 @@ def batch_tiles(shards: str, split: str = "train", crop: str = "random", batch_s
             for k in range(10):
                 x, y = plan.TEN_CROP_POSITIONS[k % 5]
                 tiles.append((pixels[j, k].transpose(1, 2, 0), f"{names[label]}\n"
-                              f"crop {_offset(x, y, loader.size)}{' flip' if k >= 5 else ''}"))
+                              f"crop {_offset(x, y, loader.size, side)}{' flip' if k >= 5 else ''}"))
             continue
         if random:
-            caption = (f"{names[label]}\ncrop {_offset(p.crop_x[j], p.crop_y[j], loader.size)}"
+            caption = (f"{names[label]}\ncrop {_offset(p.crop_x[j], p.crop_y[j], loader.size, side)}"
                        f"{' flip' if p.flip[j] else ''}\nlight {_grey(lights[j]) if lit else 'off'}")
         else:
-            caption = f"{names[label]}\ncrop {_offset(0.5, 0.5, loader.size)}"
+            caption = f"{names[label]}\ncrop {_offset(0.5, 0.5, loader.size, side)}"
         tiles.append((pixels[j].transpose(1, 2, 0), caption))
     return tiles
 
 
-def _offset(x: float, y: float, size: int) -> str:
-    return f"({plan.crop_offset(x, size)}, {plan.crop_offset(y, size)})"
+def _offset(x: float, y: float, size: int, side: int) -> str:
+    return f"({plan.crop_offset(x, size, side)}, {plan.crop_offset(y, size, side)})"
 
 
 def _grey(rgb) -> str:
@@ -123,16 +123,18 @@ def main(argv=None) -> int:
                 ckpt = load_model(a.checkpoint, "cpu")[1]
             except UsageError as e:
                 raise ShardError(str(e)) from None
-            norm, lighting = ckpt["normalization"], ckpt["recipe"]["lighting"]
+            from model.checkpoint import input_size
+            norm, lighting, side = ckpt["normalization"], ckpt["recipe"]["lighting"], input_size(ckpt)
         else:
             recipe = RECIPES[a.recipe]
             norm = Normalization.from_shards(a.shards, recipe.input_norm, recipe.train_scale)
+            side = recipe.input_size
         norm = replace(norm, lighting_gain=a.exaggerate)
-        tiles = batch_tiles(a.shards, a.split, crop, a.batch_size, norm, lighting, a.seed, a.backend)
+        tiles = batch_tiles(a.shards, a.split, crop, a.batch_size, norm, lighting, a.seed, a.backend, side)
     except (ShardError, FileNotFoundError) as e:
         print(f"show_batch: {e}", file=sys.stderr)
         return 2
-    title = (f"{a.shards} {a.split}, crop {crop}, first batch of epoch 0 (seed {a.seed}); input '{norm.mode}'"
+    title = (f"{a.shards} {a.split}, {side}px crop {crop}, first batch of epoch 0 (seed {a.seed}); input '{norm.mode}'"
              f"{f', lit batches x{norm.train_scale:.3f}' if norm.train_scale != 1 else ''}; "
              f"lighting x{a.exaggerate:g}; shown de-normalized to 0-255")
     draw(tiles, a.out, title, columns=10 if crop == "ten" else 8)

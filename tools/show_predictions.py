@@ -89,7 +89,9 @@ def main(argv=None) -> int:
         check_out(a.out)
         model, ckpt, _ = open_model(a.checkpoint, a.shards)
         norm = ckpt["normalization"]
+        from model.checkpoint import input_size
         loader = open_val(a.shards, batch_size=min(a.n, 64), crop="center", normalization=norm, backend=a.backend,
+                          crop_size=input_size(ckpt),
                           num_threads=2)
     except UsageError as e:
         print(f"show_predictions: {e}", file=sys.stderr)

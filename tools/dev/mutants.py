@@ -10,8 +10,9 @@ named for it there, stopping at the first failure. A mutant is killed when a tes
 fails, survives when they all pass: a survivor is a hole in the tests. The copy
 shadows the installed package, since Python puts the working directory first.
 
-Equivalent mutants do not belong on the list: rounding crop offsets down instead of to
-nearest, for one, changes nothing, since every crop position is an exact k/32.
+Equivalent mutants do not belong on the list. (Rounding crop offsets down instead of to
+nearest was one while every crop position was an exact k/32; the 227 crops' centre, 14.5,
+makes it a real mutant.)
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ F, E = "tests/test_figures.py", "tests/test_table2.py"
 MUTANTS = (
     # the model
     Mutant("LRN before ReLU", "model/alexnet.py",
-           "    x = F.relu(conv(x), inplace=True)\n    if name in lrn_after:\n        x = lrn(x)",
-           "    x = conv(x)\n    if name in lrn_after:\n        x = lrn(x)\n    x = F.relu(x)",
+           "    x = F.relu(conv(x), inplace=True)\n    if name in lrn_after:\n",
+           "    x = conv(x)\n    if name in lrn_after:\n        x = F.relu(lrn(x))\n    else:\n        x = F.relu(x)\n"
+           "    if False:\n",
            (f"{M}::test_forward_pass_is_the_papers_layer_order",)),
     Mutant("no pool after conv5", "model/alexnet.py", 'POOL_AFTER = ("conv1", "conv2", "conv5")',
            'POOL_AFTER = ("conv1", "conv2")', (M,)),
@@ -154,13 +156,13 @@ MUTANTS = (
     Mutant("parts off by one", "tools/make_shards.py", "k % self.part[1] == self.part[0] - 1",
            "k % self.part[1] == self.part[0]", (f"{S}::test_any_number_of_parts_gives_one_nodes_shards_byte_for_byte",)),
     # Table 2: ensembles and fine-tuning, the Fall 2011 release
-    Mutant("val fraction rounded down", "tools/imagenet_source.py", "    count = math.floor(fraction * n + 0.5)",
-           "    count = math.floor(fraction * n)",
+    Mutant("val fraction rounded down", "tools/imagenet_source.py", "    count = min(math.floor(fraction * n + 0.5), n - 1)",
+           "    count = min(math.floor(fraction * n), n - 1)",
            (f"{S}::test_fall11_every_image_once_and_the_val_fraction_exact_per_class",)),
     Mutant("the ensemble keeps only the last model", "model/evaluation.py", "        self.total[rows] += probs",
            "        self.total[rows] = probs", (f"{E}::test_ensemble_by_hand_right_where_every_model_is_wrong",)),
     Mutant("--init-from loads nothing", "model/checkpoint.py",
-           "    load_canonical(model, {**own, **{k: theirs[k] for k in loaded if k.rsplit(\".\", 1)[0] in kept}})",
+           "    load_canonical(model, state)",
            "    load_canonical(model, own)",
            (f"{E}::test_init_from_loads_every_matching_layer_and_initialises_the_rest",)),
     # the paper's figures (section 6.1)
@@ -180,6 +182,36 @@ MUTANTS = (
     Mutant("PCA: the sample covariance (n - 1)", "tools/compute_pca.py", "/ (n * n * 255 * 255) for j in range(3)]",
            "/ (n * (n - 1) * 255 * 255) for j in range(3)]",  # 1/n relative, 2.5e-8 here: the exact check's to catch
            ("tests/test_compute_pca.py::test_matches_numpy_reference",)),
+    # issues 29-32: threads, listings, parts, ensembles, the GPU review, the 227 geometry
+    Mutant("the trainer leaves its threads to the launcher", "model/train.py",
+           "    torch.set_num_threads(threads)  # before any tensor work", "    pass  # before any tensor work",
+           (f"{T}::test_the_trainer_sets_its_intra_op_threads_whatever_the_launcher_left",)),
+    Mutant("a listing trusted without its tar header", "tools/imagenet_source.py",
+           "        if info is None or info.size != self.size or not (info.name == member or long_name):",
+           "        if info is None:", (f"{S}::test_a_wrong_listing_cache_is_refused_not_trusted",)),
+    Mutant("--merge ignores the parts' listings", "tools/make_shards.py",
+           'd["classes"] != first["classes"] or d.get("listing") != first.get("listing"):',
+           'd["classes"] != first["classes"]:', (f"{S}::test_merge_refuses_parts_planned_from_different_listings",)),
+    Mutant("an ensemble compares paths, not digests", "model/evaluate.py", '        if ckpt["digest"] in seen:',
+           "        if path in seen.values():",
+           ("tests/test_table2.py::test_ensemble_refuses_other_classes_or_inputs_before_any_work",)),
+    Mutant("fc8 rows by index, not wnid", "model/checkpoint.py", "        rows = [(i, row_of[w]) for i, w in enumerate(wnids) if w in row_of]",
+           "        rows = [(i, i) for i, w in enumerate(wnids) if w in row_of]",
+           ("tests/test_table2.py::test_init_from_fc8_rows_follow_the_wnids",)),
+    Mutant("DALI's batch let go at once", "pipeline/dali.py", "                        self._ring.release_after_use((out, images, labels))",
+           "                        pass", ("tests/test_gpu_lines.py::test_the_dali_loader_holds_each_gpu_batch_until_the_gpu_has_read_it",)),
+    Mutant("LRN left in float32 under autocast", "model/alexnet.py", "        x = lrn(x).to(x.dtype)", "        x = lrn(x)",
+           ("tests/test_gpu_lines.py::test_lrn_keeps_the_convolutions_dtype_under_bf16_autocast",)),
+    Mutant("momentum buffers NCHW after a resume", "model/checkpoint.py",
+           "torch.empty_like(p, memory_format=torch.preserve_format\n", "torch.empty_like(p, memory_format=torch.contiguous_format\n",
+           (f"{M}::test_momentum_restored_beside_channels_last_weights_is_channels_last",)),
+    Mutant("conv1 padded at 227", "model/alexnet.py", "CONV1_PADDING = {224: 2, 227: 0}", "CONV1_PADDING = {224: 2, 227: 2}",
+           (f"{M}::test_227_input_with_conv1_unpadded_keeps_every_shape",)),
+    Mutant("227 asked, 224 cropped (webdataset loader)", "pipeline/wds.py",
+           "        images, labels, side = [], [], self.loader.cfg.crop_size", "        images, labels, side = [], [], 224",
+           (f"{P}::test_eval_crops_match_reference",)),
+    Mutant("crop offsets rounded down", "pipeline/plan.py", "    return int(np.floor(position * (size - crop) + 0.5))",
+           "    return int(np.floor(position * (size - crop)))", (f"{P}::test_ten_crops_and_centre_crop_of_a_coordinate_image",)),
 )
 
 

@@ -19,6 +19,7 @@ Layouts (docs/DESIGN.md):
 from __future__ import annotations
 
 import csv
+import array
 import hashlib
 import io
 import json
@@ -87,6 +88,110 @@ class SourceSample:
 class ListingMismatch(Exception):
     """A source listing (usually a cached one) that does not describe its tar: never an undecodable image
     to skip, always a refusal of the run."""
+
+
+def _column(values, dtype) -> np.ndarray:
+    """values as a NumPy array of dtype, sharing its memory where it can (array.array, ndarray)."""
+    if isinstance(values, array.array) and np.dtype(dtype).itemsize == values.itemsize:
+        return np.frombuffer(values, dtype) if len(values) else np.zeros(0, dtype)
+    return np.asarray(values, dtype)
+
+
+class SampleList:
+    """The images of a tar of per-class tars (ILSVRC2012_img_train.tar, fall11_whole.tar) as columns: each
+    image's inner tar (int32), its name in one bytes blob with end offsets (int64), its byte offset (int64)
+    and size (int64); `rows` selects and orders them (int64). About 50 bytes an image plus its name, where
+    SourceSample objects took about 400: Fall 2011's 14.2M images are under 1 GB in every part, not 7 GB.
+    A SourceSample is made only when one is asked for (by index or by iterating)."""
+
+    def __init__(self, path: str, inner: list[str], prefix: str, inner_of, blob: bytes, ends, offsets, sizes):
+        self.path = path
+        self.wnids = [_stem(name) for name in inner]              # one string a class
+        self.heads = [f"{prefix}/{name}/" for name in inner]
+        # Zero-copy views of the listing's compact arrays (array.array, or a cache's NumPy arrays): a copy
+        # would hold the listing twice at its peak.
+        self.inner_of, self.ends = _column(inner_of, np.int32), _column(ends, np.int64)
+        self.offsets, self.sizes = _column(offsets, np.int64), _column(sizes, np.int64)
+        self.blob = blob  # bytes or bytearray, never copied (only sliced)
+        self.rows = np.arange(len(self.offsets), dtype=np.int64)
+        self.ordered = False  # rows in (wnid, key) order
+        # every key starts with its class's wnid and "_", and every wnid is a WordNet id (one length): then key
+        # order is (wnid, key) order (by_class finds out)
+        self.keys_prefixed = False
+
+    def member(self, j: int) -> str:
+        start = int(self.ends[j - 1]) if j else 0
+        return self.blob[start:int(self.ends[j])].decode("utf-8", "surrogateescape")  # tarfile's decoding, as listed
+
+    def sample(self, j: int) -> SourceSample:
+        m, c = self.member(j), int(self.inner_of[j])
+        return SourceSample(_key(m), self.wnids[c], self.heads[c] + m, self.path, int(self.offsets[j]), int(self.sizes[j]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> SourceSample:
+        return self.sample(int(self.rows[i]))
+
+    def __iter__(self):
+        for j in self.rows.tolist():
+            yield self.sample(j)
+
+    def __eq__(self, other) -> bool:  # as the list of SourceSample it stands for
+        try:
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
+    def view(self, rows, ordered: bool = False) -> "SampleList":
+        """The same columns, other rows (positions into the columns, not into this view)."""
+        new = object.__new__(SampleList)
+        new.__dict__.update(self.__dict__)
+        new.rows, new.ordered = np.asarray(rows, np.int64), ordered
+        return new
+
+    def by_class(self):
+        """(wnid, its rows in key order) for each class in wnid order: one class's keys in memory at a time."""
+        rank = np.empty(len(self.wnids), np.int64)
+        rank[sorted(range(len(self.wnids)), key=self.wnids.__getitem__)] = np.arange(len(self.wnids))
+        rows = self.rows[np.argsort(rank[self.inner_of[self.rows]], kind="stable")]
+        cuts = np.flatnonzero(np.diff(rank[self.inner_of[rows]])) + 1
+        prefixed = all(WNID.fullmatch(w) for w in self.wnids)
+        for part in np.split(rows, cuts) if len(rows) else []:
+            wnid = self.wnids[int(self.inner_of[part[0]])]
+            keys = [_key(self.member(j)) for j in part.tolist()]
+            prefixed = prefixed and all(k.startswith(wnid + "_") for k in keys)
+            yield wnid, part[sorted(range(len(part)), key=keys.__getitem__)]
+        self.keys_prefixed = prefixed
+
+    def sorted_by_class_and_key(self) -> "SampleList":
+        if self.ordered:
+            return self
+        parts = [rows for _, rows in self.by_class()]
+        new = self.view(np.concatenate(parts) if parts else self.rows, ordered=True)
+        new.keys_prefixed = self.keys_prefixed
+        return new
+
+    def sorted_by_key(self) -> "SampleList":
+        """Key order: (wnid, key) order where every key starts with its wnid (ImageNet's names do), else a
+        sort of every key at once (the memory of a string per image, for sources named otherwise)."""
+        ordered = self.sorted_by_class_and_key()
+        if ordered.keys_prefixed:
+            return ordered
+        keys = [_key(self.member(j)) for j in ordered.rows.tolist()]
+        return self.view(ordered.rows[sorted(range(len(keys)), key=keys.__getitem__)])
+
+    def fingerprint(self, h) -> None:
+        """Feed everything the listing says, in this order, to hash `h` (make_shards' listing digest): the
+        columns' bytes, not a string per image (seconds at Fall 2011's size, not minutes)."""
+        r = self.rows
+        h.update(f"{self.path}\t{len(r)}\n".encode())
+        h.update("\t".join(self.heads).encode("utf-8", "surrogateescape"))
+        for column in (r, self.inner_of[r], self.offsets[r], self.sizes[r], self.ends):
+            h.update(np.ascontiguousarray(column).astype("<i8").tobytes())
+        h.update(self.blob)
 
 
 @dataclass
@@ -164,15 +269,19 @@ def open_source(root: str, splits=("train", "val"), layout: str = "auto", any_cl
     src.unused = sorted({u["source"]: u for u in _listing.unused}.values(), key=lambda u: u["source"])  # listed once
     # One canonical order per split, whatever the layout, tar member order or file
     # system listing: the same images then give the same shards from any layout.
-    if "train" in src.splits:
-        src.splits["train"].sort(key=lambda s: (s.wnid, s.key))
-    if "val" in src.splits:  # ILSVRC2012_val_<n> order
-        src.splits["val"].sort(key=lambda s: s.key)
+    for split, order in (("train", "class_and_key"), ("val", "key")):  # val: ILSVRC2012_val_<n> order
+        samples = src.splits.get(split)
+        if isinstance(samples, SampleList):
+            src.splits[split] = samples.sorted_by_class_and_key() if order == "class_and_key" else samples.sorted_by_key()
+        elif samples is not None:
+            samples.sort(key=(lambda s: (s.wnid, s.key)) if order == "class_and_key" else (lambda s: s.key))
     for split, samples in src.splits.items():
         _check_keys(root, split, samples)
-        for s in samples:
-            if s.wnid not in src._index:
-                raise SourceError(f"{os.path.join(root, s.source)}: class {s.wnid} is not among the {len(src.classes)} classes")
+        wnids = samples.wnids if isinstance(samples, SampleList) else {s.wnid for s in samples}
+        for w in wnids:
+            if w not in src._index:
+                where = next(s.source for s in samples if s.wnid == w)
+                raise SourceError(f"{os.path.join(root, where)}: class {w} is not among the {len(src.classes)} classes")
     return src
 
 
@@ -205,12 +314,22 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTS)
 
 
-def _check_keys(root: str, split: str, samples: list[SourceSample]) -> None:
+def _check_keys(root: str, split: str, samples) -> None:
+    """No two images of a split with one key. Through a 64-bit hash of each key (8 bytes an image, not a
+    dictionary of strings), then the keys of the hashes that repeat compared as strings."""
+    if not len(samples):
+        return
+    hashes = np.fromiter((hash(s.key) for s in samples), np.int64, len(samples))
+    values, counts = np.unique(hashes, return_counts=True)
+    repeated = set(values[counts > 1].tolist())
+    if not repeated:
+        return
     seen: dict[str, str] = {}
     for s in samples:
-        if s.key in seen:
-            raise SourceError(f"{os.path.join(root, s.source)}: same stem as {seen[s.key]} in split {split}")
-        seen[s.key] = s.source
+        if hash(s.key) in repeated:
+            if s.key in seen:
+                raise SourceError(f"{os.path.join(root, s.source)}: same stem as {seen[s.key]} in split {split}")
+            seen[s.key] = s.source
 
 
 def _list_class_dirs(root: str, split_dir: str) -> list[str]:
@@ -409,16 +528,16 @@ def _tar_of_tars(path: str, prefix: str) -> list[SourceSample]:
             _write_listing(cache, columns, meta)
     else:
         _listing.cached.append(cache)
-    inner, inner_of, members, offsets, sizes = columns
-    wnids, heads = [_stem(name) for name in inner], [f"{prefix}/{name}/" for name in inner]  # one string a class
-    return [SourceSample(_key(member), wnids[i], heads[i] + member, path, off, n)
-            for i, member, off, n in zip(inner_of, members, offsets, sizes)]
+    inner, inner_of, blob, ends, offsets, sizes = columns
+    return SampleList(path, inner, prefix, inner_of, blob, ends, offsets, sizes)
 
 
-def _list_tar_of_tars(path: str) -> tuple[list[str], list[int], list[str], list[int], list[int]]:
-    """(inner tar names, each image's inner tar by index, image names, byte offsets in the outer file,
-    sizes), from the tar's headers."""
-    inner, inner_of, members, offsets, sizes = [], [], [], [], []
+def _list_tar_of_tars(path: str) -> tuple:
+    """(inner tar names, each image's inner tar by index, the image names' bytes end to end, where each
+    name ends, byte offsets in the outer file, sizes), from the tar's headers. Built in compact arrays
+    (array module): no Python object per image, even while listing."""
+    inner, inner_of, blob, ends = [], array.array("i"), bytearray(), array.array("q")
+    offsets, sizes = array.array("q"), array.array("q")
     try:
         with tarfile.open(path, "r:") as outer:
             inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
@@ -428,20 +547,22 @@ def _list_tar_of_tars(path: str) -> tuple[list[str], list[int], list[str], list[
                 # An inner tar is a byte range of the outer one: read its headers
                 # in place (tarfile over a window of the file), never extracting.
                 window = _FileWindow(path, m.offset_data, m.size)
-                found = len(members)
+                found = len(offsets)
                 with tarfile.open(fileobj=window, mode="r:") as tar:
                     for im in tar:
                         if im.isfile() and _is_image(im.name):
                             inner_of.append(len(inner))
-                            members.append(im.name)
+                            blob += im.name.encode("utf-8", "surrogateescape")  # tarfile's own decoding, undone
+                            ends.append(len(blob))
                             offsets.append(m.offset_data + im.offset_data)
                             sizes.append(im.size)
-                if len(members) == found:
+                        tar.members.clear()  # tarfile keeps every TarInfo it has read: one at a time is enough
+                if len(offsets) == found:
                     raise SourceError(f"{path}/{m.name}: no images (empty class)")
                 inner.append(m.name)
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: unreadable tar ({e})") from None
-    return inner, inner_of, members, offsets, sizes
+    return inner, inner_of, blob, ends, offsets, sizes
 
 
 def listing_cache(meta: dict, cache_dir: str) -> str:
@@ -463,17 +584,15 @@ def _listing_meta(path: str, prefix: str) -> dict:
 def _write_listing(cache: str, columns: tuple, meta: dict) -> None:
     """_list_tar_of_tars' columns as arrays (about 50 bytes an image), written to a temporary name and
     renamed. A cache that cannot be written is no error: the next run lists the headers again."""
-    inner, inner_of, members, offsets, sizes = columns
-    names = [m.encode("utf-8", "surrogateescape") for m in members]  # tarfile's own decoding, undone
+    inner, inner_of, blob, ends, offsets, sizes = columns
     tmp = f"{cache}.tmp-{socket.gethostname()}-{os.getpid()}"  # parts on several nodes may write it at once
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)),
-                     inner=np.array(json.dumps(inner)), inner_of=np.array(inner_of, np.int32),
-                     names=np.frombuffer(b"".join(names), np.uint8),
-                     name_ends=np.cumsum([len(n) for n in names], dtype=np.int64),
-                     offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
+                     inner=np.array(json.dumps(inner)), inner_of=np.asarray(inner_of, np.int32),
+                     names=np.frombuffer(bytes(blob), np.uint8), name_ends=np.asarray(ends, np.int64),
+                     offsets=np.asarray(offsets, np.int64), sizes=np.asarray(sizes, np.int64))
         os.replace(tmp, cache)
     except OSError:
         if os.path.exists(tmp):
@@ -487,17 +606,16 @@ def _read_listing(cache: str, meta: dict) -> tuple | None:
         with np.load(cache, allow_pickle=False) as z:
             if json.loads(str(z["meta"])) != meta:
                 return None
-            inner, inner_of = json.loads(str(z["inner"])), z["inner_of"].tolist()
-            blob, ends = z["names"].tobytes(), z["name_ends"].tolist()
-            offsets, sizes = z["offsets"].tolist(), z["sizes"].tolist()
+            inner, inner_of = json.loads(str(z["inner"])), z["inner_of"].astype(np.int32)
+            blob, ends = z["names"].tobytes(), z["name_ends"].astype(np.int64)
+            offsets, sizes = z["offsets"].astype(np.int64), z["sizes"].astype(np.int64)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
-    if not (len(inner_of) == len(ends) == len(offsets) == len(sizes)) or (ends and ends[-1] != len(blob)) \
-            or not all(0 <= i < len(inner) for i in set(inner_of)):
+    if not (len(inner_of) == len(ends) == len(offsets) == len(sizes)) or (len(ends) and ends[-1] != len(blob)) \
+            or (len(inner_of) and not (0 <= inner_of.min() and inner_of.max() < len(inner))) \
+            or (len(ends) > 1 and (np.diff(ends) <= 0).any()):
         return None  # arrays that do not fit together (the zip's CRCs catch damaged bytes first)
-    starts = [0] + ends[:-1]
-    members = [blob[a:b].decode("utf-8", "surrogateescape") for a, b in zip(starts, ends)]
-    return inner, inner_of, members, offsets, sizes
+    return inner, inner_of, blob, ends, offsets, sizes
 
 
 def held_out(n: int, fraction: float, seed: int, wnid: str) -> set[int]:
@@ -549,27 +667,42 @@ def _read_fall11(root: str, splits, val_fraction: float, seed: int) -> Source:
                 _listing.skip(path, "not a synset's .tar or folder")
     if not samples:
         raise SourceError(f"{root}: no synsets ({FALL11_TAR}, <wnid>.tar files or <wnid>/ folders)")
-    by_class: dict[str, list[SourceSample]] = {}
-    for sample in samples:
-        by_class.setdefault(sample.wnid, []).append(sample)
-    out = {split: [] for split in splits}
-    capped = [(w, len(v)) for w, v in sorted(by_class.items()) if math.floor(val_fraction * len(v) + 0.5) >= len(v)]
+    columns = isinstance(samples, SampleList)  # fall11_whole.tar: rows of columns, never an object per image
+    out, rows, classes, capped = {split: [] for split in splits}, {split: [] for split in splits}, [], []
+    for wnid, members in (samples.by_class() if columns else _by_class(samples)):  # wnid order, key order
+        n = len(members)
+        classes.append(wnid)
+        if math.floor(val_fraction * n + 0.5) >= n:
+            capped.append((wnid, n))
+        is_val = np.zeros(n, bool)
+        is_val[sorted(held_out(n, val_fraction, seed, wnid))] = True
+        for split, chosen in (("train", ~is_val), ("val", is_val)):
+            if split in out:
+                if columns:
+                    rows[split].append(members[chosen])
+                else:
+                    out[split] += [m for m, keep in zip(members, chosen.tolist()) if keep]
+    if columns:
+        out = {split: samples.view(np.concatenate(r) if r else np.zeros(0, np.int64), ordered=True)
+               for split, r in rows.items()}
     if capped:
         print(f"make_shards: {len(capped)} synset(s) too small for --val-fraction {val_fraction:g} to leave an image "
               f"for training keep one ({', '.join(f'{w}: {n} image(s)' for w, n in capped[:3])}"
               f"{' ...' if len(capped) > 3 else ''})", file=sys.stderr)
-    for wnid in sorted(by_class):
-        members = sorted(by_class[wnid], key=lambda m: m.key)
-        val = held_out(len(members), val_fraction, seed, wnid)
-        for i, sample in enumerate(members):
-            split = "val" if i in val else "train"
-            if split in out:
-                out[split].append(sample)
     names = _words(root)
     if not names:
         print(f"make_shards: {os.path.join(root, WORDS)}: not found; the class names are the wnids",
               file=sys.stderr)
-    return Source(root, "fall11", [(w, names.get(w, w)) for w in sorted(by_class)], out)
+    return Source(root, "fall11", [(w, names.get(w, w)) for w in classes], out)
+
+
+def _by_class(samples: list[SourceSample]):
+    """(wnid, its samples in key order) for each class in wnid order."""
+    by_class: dict[str, list[SourceSample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.wnid, []).append(sample)
+    for wnid in sorted(by_class):
+        yield wnid, sorted(by_class[wnid], key=lambda m: m.key)
 
 
 def _val_number(s: SourceSample, path: str) -> int:

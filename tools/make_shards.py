@@ -32,6 +32,7 @@ import argparse
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -53,8 +54,8 @@ from tqdm import tqdm
 from pipeline.images import RESAMPLE, shard_image
 from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, error_text, index_name,
                              pack_sample, sha256_file, shard_name)
-from tools.imagenet_source import (LAYOUTS, LISTING_CACHE, ListingMismatch, Source, SourceError, SourceSample,
-                                   open_source)
+from tools.imagenet_source import (LAYOUTS, LISTING_CACHE, ListingMismatch, SampleList, Source, SourceError,
+                                   SourceSample, open_source)
 from model.errors import sigterm_as_interrupt, stopped
 from tools.workers import init_worker_signals, kill_workers
 
@@ -239,11 +240,17 @@ class ShardRun:
                                                 for r in [records[0], *done.values()]).encode())
         return done
 
+    def _items(self, name: str) -> list:
+        """(SourceSample, label) of a planned shard's samples, in order."""
+        split, idx = self._where[name]
+        samples = self.src.splits[split]
+        return [(x, self.src.label(x.wnid)) for x in (samples[i] for i in idx.tolist())]
+
     def _content(self, name: str) -> str:
         """sha256 over the source bytes of one planned shard's samples, in order (what a --rehash
         worker records while it makes the shard)."""
         h = hashlib.sha256()
-        for sample, _ in self._items[name]:
+        for sample, _ in self._items(name):
             h.update(sample.read())
         return h.hexdigest()
 
@@ -312,7 +319,12 @@ class ShardRun:
         A plain image file is named, not stat'ed (a stat per image per part would cost more than the rest)."""
         h, tars = hashlib.sha256(), set()
         for split in self.opts.splits:
-            for x in self.src.splits[split]:
+            samples = self.src.splits[split]
+            if isinstance(samples, SampleList):  # its columns: seconds at Fall 2011's size
+                samples.fingerprint(h)
+                tars.add(samples.path)
+                continue
+            for x in samples:
                 h.update(f"{split}\t{x.key}\t{x.wnid}\t{x.source}\t{x.offset}:{x.size}\n".encode())
                 if x.size >= 0:
                     tars.add(x.path)
@@ -340,15 +352,14 @@ class ShardRun:
             digests = self._plan_digests(plan)
         except OSError as e:  # a source file gone between listing and now
             raise SourceError(f"{e.filename}: cannot read ({e.strerror})") from None
-        self._items = {name: [(self.src.splits[split][i], self.src.label(self.src.splits[split][i].wnid)) for i in idx]
-                       for split, name, idx in plan}
+        self._where = {name: (split, idx) for split, name, idx in plan}  # a shard's samples, made when it is sent
         done = self._load_journal(digests)
-        todo = [(name, self._items[name]) for _, name, _ in plan if name not in done]
+        todo = [name for _, name, _ in plan if name not in done]
         records = {name: done[name] for _, name, _ in plan if name in done}
         t0 = time.time()
         progress = multiprocessing.Value("q", 0)
-        bar = tqdm(total=sum(len(items) for _, items in todo), unit="img", dynamic_ncols=True, mininterval=1.0,
-                   file=sys.stderr)
+        bar = tqdm(total=sum(len(self._where[name][1]) for name in todo), unit="img", dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
         # Each finished shard is flushed to disk by a thread of this (otherwise idle) process
         # while the workers go on: by the manifest, nothing is left to wait for. (One os.sync()
         # at the end cost ~1 % of a run here, and on a shared machine syncs everyone's files.)
@@ -361,10 +372,15 @@ class ShardRun:
                                  initializer=_init_worker,
                                  initargs=(self.opts, self.out, progress, os.getpid(), self.rehash)) as pool, \
                 ThreadPoolExecutor(1) as syncer:
-            pending = {pool.submit(_make_shard, task): task[0] for task in todo}
+            # A few shards in flight a worker, each's samples made as it is sent: submitting every shard at
+            # once held every sample of the run (as objects, pickled) in this process until it was done.
+            tasks = ((name, self._items(name)) for name in todo)
+            window = 2 * self.workers
+            pending = {pool.submit(_make_shard, task): task[0] for task in itertools.islice(tasks, window)}
             flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
             try:
-                made = self._collect(pending, records, digests, syncer, flushed, bar, progress)
+                made = self._collect(pending, records, digests, syncer, flushed, bar, progress,
+                                     lambda: [(pool.submit(_make_shard, t), t[0]) for t in itertools.islice(tasks, 1)])
             except (KeyboardInterrupt, SourceError):  # the workers ignore SIGINT: stop them now, not after their shards
                 bar.close()
                 kill_workers(pool)
@@ -411,9 +427,9 @@ class ShardRun:
         print(f"part {i}/{parts}: {n} images in {sum(len(r) for r in self.records.values())} shards "
               f"({made} made in {elapsed:.1f} s); when every part is done: tools/make_shards.py --merge {self.out}")
 
-    def _collect(self, pending, records, digests, syncer, flushed, bar, progress) -> int:
-        """Waits for the shards, journals each as it is done, and schedules its flush; returns the
-        number of images made."""
+    def _collect(self, pending, records, digests, syncer, flushed, bar, progress, send_next) -> int:
+        """Waits for the shards, journals each as it is done, sends the next in its place (send_next) and
+        schedules its flush; returns the number of images made."""
         made = 0
         while pending:
             finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -422,6 +438,7 @@ class ShardRun:
                 name = pending.pop(future)
                 try:
                     res = future.result()
+                    pending.update(send_next())
                 except BrokenProcessPool:
                     bar.close()
                     raise WorkerDied(f"{self.out}: a worker process died while making {name} (killed: out "

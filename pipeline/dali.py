@@ -23,6 +23,7 @@ image's mean: (x + light - shift) / divisor = (x - (shift - light)) / divisor
 """
 from __future__ import annotations
 
+import collections
 import io
 import mmap
 import weakref
@@ -33,7 +34,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline import plan
-from pipeline.loader import BatchRing, LoaderConfig, ShardLoader, cores_per_process
+from pipeline.loader import KEPT_SHARDS, BatchRing, LoaderConfig, ShardLoader, cores_per_process
 from pipeline.shards import JPEG_SOI, ShardError, error_text, iter_tar_samples, member_at
 
 DATA_OPS = ("fn.decoders.image",)  # errors of these are about the data (read errors are ShardErrors already)
@@ -103,8 +104,12 @@ class DaliLoader(ShardLoader):
         self.threads = cfg.num_threads or min(cores_per_process(), 8 if self.gpu else 64)
         # Batches with lighting also take the recipe's training scale (normalization.py).
         self.shift, self.divisor = self.norm.shift_divisor(lit=cfg.lighting)
-        self._maps: dict[int, mmap.mmap] = {}     # shard -> its bytes, mapped on first use
-        self._columns: dict[int, tuple] = {}      # shard -> _shard_columns
+        # shard -> its bytes, mapped on first use, and its _shard_columns; the last KEPT_SHARDS of each kept.
+        # Every shard mapped for the loader's life held a file descriptor each (1,252 shards passed the usual
+        # limit of 1,024 open files within an epoch) and every page read counted in the process's RSS.
+        self._maps: collections.OrderedDict[int, mmap.mmap] = collections.OrderedDict()
+        self._unmapped: list[mmap.mmap] = []      # let go while DALI still held a view of them: closed later
+        self._columns: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self._it = None                           # the pipeline's iterator
         self._next_feed = (0, 0)                  # (epoch, batch) the feed serves next
         self._next_out = None                     # (epoch, batch) the iterator yields next
@@ -112,23 +117,36 @@ class DaliLoader(ShardLoader):
         self._ring = BatchRing(lambda: torch.cuda.Event(), limit=8) if self.gpu else None
 
     def _shard_bytes(self, shard: int) -> mmap.mmap:
-        if shard not in self._maps:
-            path = self.shards[shard]["path"]
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+            return self._maps[shard]
+        path = self.shards[shard]["path"]
+        try:
+            with open(path, "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{path}: cannot read ({e})") from None
+        while len(self._maps) > KEPT_SHARDS:
+            self._unmapped.append(self._maps.popitem(last=False)[1])
+        still = []
+        for m in self._unmapped:
             try:
-                with open(path, "rb") as f:
-                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as e:
-                raise ShardError(f"{path}: cannot read ({e})") from None
+                m.close()
+            except BufferError:  # a batch DALI has not copied yet still views it
+                still.append(m)
+        self._unmapped = still
         return self._maps[shard]
 
     def _shard_columns(self, shard: int) -> tuple[list, list, list]:
         """(.jpg offsets, .jpg sizes, labels) of a shard's samples, read from its (verified) bytes once,
         so that the feed does a list lookup per sample. Each .jpg must open with the JPEG start marker:
         nvJPEG has crashed the process on bytes that do not."""
-        if shard not in self._columns:
+        if shard in self._columns:
+            self._columns.move_to_end(shard)
+        else:
             data, path = self._shard_bytes(shard), self.shards[shard]["path"]
             offsets, sizes, classes = [], [], []
-            for entry in self.entries[shard]:
+            for entry in self.shard_entries(shard):
                 (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
                 for ext, o, n in (("jpg", off, size), ("cls", coff, csize)):  # the .idx (no checksum) agrees
                     if member_at(data, o) != (f"{entry.key}.{ext}", n):      # with the verified tar
@@ -146,6 +164,8 @@ class DaliLoader(ShardLoader):
                 offsets.append(off)
                 sizes.append(size)
             self._columns[shard] = (offsets, sizes, classes)
+            while len(self._columns) > KEPT_SHARDS:
+                self._columns.popitem(last=False)
         return self._columns[shard]
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """What both loaders share: reading the shard directory, the epoch position, the state for resume."""
 from __future__ import annotations
 
+import collections
 import os
 import weakref
 from collections.abc import Iterator
@@ -12,8 +13,11 @@ import torch
 
 from pipeline import plan
 from pipeline.normalization import MODES, Normalization
-from pipeline.shards import ShardError, load_manifest, read_index, split_shards
+from pipeline.shards import MANIFEST, ShardError, load_manifest, read_index, split_shards
 from pipeline.verify import ShardVerifier
+
+
+KEPT_SHARDS = 8  # shards whose index (and, in the DALI loader, mapping) a loader keeps: it reads them in runs
 
 
 @dataclass(frozen=True)
@@ -86,13 +90,14 @@ class ShardLoader:
             for path in (s["path"], s["index"]):
                 if not os.path.exists(path):
                     raise ShardError(f"{path}: missing ({cfg.split} shard of {cfg.shards_dir})")
-        self.entries = [read_index(s["index"]) for s in self.shards]
-        for s, entries in zip(self.shards, self.entries):
-            end = max((off + size for e in entries for _, off, size in e.members), default=0)
-            if len(entries) != s["samples"] or os.path.getsize(s["path"]) < end:
-                raise ShardError(f"{s['path']}: truncated or does not match its index "
-                                 f"({len(entries)} indexed, manifest says {s['samples']})")
-        self.counts = [len(e) for e in self.entries]
+            if "bytes" in s and os.path.getsize(s["path"]) != s["bytes"]:  # a stat a shard, not a parse
+                raise ShardError(f"{s['path']}: truncated or of another size than {MANIFEST} says "
+                                 f"({os.path.getsize(s['path'])} bytes, not {s['bytes']})")
+        # Each shard's index is parsed when the loader first reads that shard, and only a few are kept:
+        # parsing all of them up front cost seconds at 1,252 shards (a minute at Fall 2011's 13,900) before
+        # the first batch, and hundreds of bytes an image for the loader's life.
+        self._entries: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self.counts = [int(s["samples"]) for s in self.shards]
         self.size = self.manifest["preprocessing"]["size"]
         if self.size < cfg.crop_size:  # --size 224 shards hold no 227 crop
             raise ShardError(f"{cfg.shards_dir}: its images are {self.size} px, smaller than the {cfg.crop_size} "
@@ -136,6 +141,23 @@ class ShardLoader:
             if state[k] != getattr(c, k):
                 raise ValueError(f"loader state is for {k}={state[k]!r}, this loader has {getattr(c, k)!r}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def shard_entries(self, shard: int) -> list:
+        """The index entries of one shard (pipeline/shards.py IndexEntry), parsed on first use and checked
+        against the manifest and the tar's size; the last KEPT_SHARDS are kept."""
+        if shard in self._entries:
+            self._entries.move_to_end(shard)
+            return self._entries[shard]
+        s = self.shards[shard]
+        entries = read_index(s["index"])
+        end = max((off + size for e in entries for _, off, size in e.members), default=0)
+        if len(entries) != s["samples"] or os.path.getsize(s["path"]) < end:
+            raise ShardError(f"{s['path']}: truncated or does not match its index "
+                             f"({len(entries)} indexed, manifest says {s['samples']})")
+        self._entries[shard] = entries
+        while len(self._entries) > KEPT_SHARDS:
+            self._entries.popitem(last=False)
+        return entries
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch = epoch, 0

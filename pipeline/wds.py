@@ -88,7 +88,7 @@ class _Batches(_LoaderRef, torch.utils.data.Dataset):
             p = ld.params(epoch, k)
             lights = ld.lighting_offsets(p) if cfg.lighting else [None] * len(pairs)
         for j, (shard, i) in enumerate(pairs):
-            key = ld.entries[shard][i].key
+            key = ld.shard_entries(shard)[i].key
             sample = self._shard(shard).get(key)
             path = ld.shards[shard]["path"]
             if sample is None:

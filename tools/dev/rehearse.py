@@ -232,8 +232,10 @@ def _steps_done(run: str) -> int:
         return 0
 
 
-def rehearse(out: str, scale: float, fall11: bool, log: str) -> dict:
-    """Every stage at one scale; the source and outputs under OUT/s<scale>, removed at the end but the table."""
+def rehearse(out: str, scale: float, fall11: bool, log: str, listing_only: bool = False) -> dict:
+    """Every stage at one scale; the source and outputs under OUT/s<scale>, removed at the end but the table.
+    listing_only: make_shards --part 1/1000 alone (the listing, the plan and 1/1000 of the shards), for the
+    listing's memory and time at sizes whose every stage would take hours here."""
     py = sys.executable
     base = os.path.join(out, f"{'fall11-' if fall11 else ''}s{scale:g}")
     src, shards, parts, run = (os.path.join(base, d) for d in ("src", "shards", "parts", "run"))
@@ -253,6 +255,11 @@ def rehearse(out: str, scale: float, fall11: bool, log: str) -> dict:
               + (f", first batch {r['first_batch_s']:.2f} s" if "first_batch_s" in r else ""), flush=True)
         return r
 
+    if listing_only:
+        r = stage("make_shards --part 1/1000", [*ms, shards, "--workers", "1", "--part", "1/1000", *extra])
+        r["bytes_per_listed_image"] = round(r["peak_rss_mb"] * 2**20 / counts["images"], 1)
+        shutil.rmtree(base, ignore_errors=True)
+        return {"scale": scale, "fall11": fall11, **counts, "checkpoint_mb": None, "stages": rows}
     stage("make_shards", [*ms, shards, "--workers", "2", *extra])
     for i in range(1, 5):
         stage(f"make_shards part {i}/4", [*ms, parts, "--workers", "2", "--part", f"{i}/4", *extra])
@@ -321,7 +328,8 @@ def table(report: dict) -> str:
                   f"images, {r['classes']:,} classes", "",
                   "| stage | exit | wall s | CPU s | peak RSS MB | MB written | first batch s |", "|---|---|---|---|---|---|---|"]
         for s in r["stages"]:
-            lines.append(f"| {s['stage']} | {s['exit']} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f} "
+            per = f" ({s['bytes_per_listed_image']} B a listed image)" if "bytes_per_listed_image" in s else ""
+            lines.append(f"| {s['stage']} | {s['exit']} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f}{per} "
                          f"| {s['bytes_written'] / 2**20:.1f} | {s.get('first_batch_s', '')} |")
         lines.append("")
     if report.get("growth"):
@@ -339,6 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("out", help="working directory (sources and shards are made and removed inside it)")
     p.add_argument("--scale", type=float, nargs="*", default=[], help="fractions of ImageNet's image counts")
     p.add_argument("--fall11", action="store_true", help="Fall 2011's shape: fall11_whole.tar, 21,841 synsets")
+    p.add_argument("--listing-only", action="store_true",
+                   help="only make_shards --part 1/1000 at each scale: the listing's memory and time")
     p.add_argument("--shard-counts", type=int, nargs="*", default=[],
                    help="also time the loader's first batch over shard sets of these many shards")
     a = p.parse_args(argv)
@@ -351,7 +361,7 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d"), "cores": len(os.sched_getaffinity(0)), "scales": [],
               "shard_counts": []}
     for s in sorted(a.scale):
-        report["scales"].append(rehearse(a.out, s, a.fall11, log))
+        report["scales"].append(rehearse(a.out, s, a.fall11, log, a.listing_only))
     report["growth"] = growth(report["scales"])
     for n in a.shard_counts:
         report["shard_counts"].append(shard_count_first_batch(a.out, n, log))

@@ -211,7 +211,7 @@ MUTANTS = (
            "        images, labels, side = [], [], self.loader.cfg.crop_size", "        images, labels, side = [], [], 224",
            (f"{P}::test_eval_crops_match_reference",)),
     Mutant("crop offsets rounded down", "pipeline/plan.py", "    return int(np.floor(position * (size - crop) + 0.5))",
-           "    return int(np.floor(position * (size - crop)))", (f"{P}::test_ten_crops_and_centre_crop_of_a_coordinate_image",)),
+           "    return int(np.floor(position * (size - crop)))", (f"{P}::test_eval_crops_match_reference",)),
 )
 
 

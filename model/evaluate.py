@@ -69,11 +69,25 @@ def check_ensemble(paths: list[str], shards: str) -> tuple[dict, dict]:
     return first, manifest
 
 
+def check_ensemble_memory(models: int, manifest: dict) -> None:
+    """UsageError, before any work, where an ensemble's [N, C] float32 sum would take more than half of this
+    machine's memory (Fall 2011's val split against its 21,841 classes: hundreds of GB)."""
+    if models < 2:
+        return
+    need = manifest["splits"]["val"]["samples"] * len(manifest["classes"]) * 4
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have / 2:
+        raise UsageError(f"an ensemble over {manifest['splits']['val']['samples']:,} val images x "
+                         f"{len(manifest['classes']):,} classes sums {need / 2**30:.1f} GiB of softmax outputs on the "
+                         f"host, more than half of this machine's {have / 2**30:.0f} GiB; evaluate on a smaller val "
+                         "split, or each model alone")
+
+
 def evaluate_models(paths: list[str], loader, device: str, num_classes: int, crop: str) -> tuple[Ensemble, list]:
     """Each checkpoint over the loader's split, one model on the device at a time: the Ensemble of their
     softmax outputs and each model's own figures (printed as it ends)."""
     dev = torch.device(device)
-    ensemble, models = Ensemble(loader.num_samples, num_classes), []
+    ensemble, models = Ensemble(loader.num_samples, num_classes, len(paths)), []
     for k, path in enumerate(paths):
         model, ckpt = load_model(path, device)
         if dev.type == "cuda":  # as the trainer runs it on one GPU, and as the loader delivers the centre crop
@@ -123,6 +137,7 @@ def main(argv=None) -> int:
                 raise UsageError(f"--json {a.json}: cannot write there ({e.strerror})") from None
         device = parse_devices(a.devices)[0]
         first, manifest = check_ensemble(a.checkpoint, a.shards)
+        check_ensemble_memory(len(a.checkpoint), manifest)
         loader = open_val(a.shards, batch_size=a.batch_size, device=device, crop="ten" if a.ten_crop else "center",
                           backend=a.backend, normalization=Normalization.from_dict(first["normalization"]),
                           verify=a.verify, channels_last=device.startswith("cuda"), crop_size=input_size(first))

@@ -49,3 +49,11 @@ def test_a_tiny_rehearsal_runs_every_stage_and_tables_it(tmp_path):
     md = open(os.path.join(out, "rehearsal.md")).read()
     assert all(f"| {stage} |" in md for stage in STAGES)
     assert sorted(os.listdir(out)) == ["rehearsal.json", "rehearsal.log", "rehearsal.md"]  # the scratch data is gone
+
+
+def test_memory_slope_is_bytes_an_image_between_the_scales():
+    def result(images, val, mbs):
+        return {"images": images, "val_images": val,
+                "stages": [{"stage": f"s{k}", "ok": True, "peak_process_rss_mb": m} for k, m in enumerate(mbs)]}
+    got = rehearse.memory_slopes([result(9_000, 1_000, [100.0, 50.0]), result(90_000, 10_000, [100.0 + 90_000 * 100 / 2**20, 50.0])])
+    assert got == {"s0": 100.0, "s1": 0.0}  # 100 bytes a listed image (train and val); flat

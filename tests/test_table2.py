@@ -252,3 +252,16 @@ def test_a_224_model_fed_227_crops_is_refused_in_one_line(runs, tiny_shards, mon
     assert evaluate.main(["--checkpoint", runs["a"], "--shards", tiny_shards, "--devices", "cpu"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: ") and "%|" not in line]
     assert len(err) == 1 and "the images are 227x227, and this model takes 224x224 crops" in err[0], err
+
+
+def test_one_model_keeps_no_n_by_c_sum_and_a_too_large_ensemble_is_refused_first(runs, tiny_shards, monkeypatch,
+                                                                                 capsys):
+    """A 21,841-class model on Fall 2011's val split would have allocated 7.1M x 21,841 float32 (620 GB) for
+    the ensemble's sum even alone; an ensemble that large is refused before any work."""
+    assert Ensemble(50_000, 21_841, models=1).total is None
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 0 if name == "SC_PHYS_PAGES" else real(name))  # no memory at all
+    assert evaluate.main(["--checkpoint", runs["a"], runs["b"], "--shards", tiny_shards, "--devices", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: ")]
+    assert len(err) == 1 and "an ensemble over 16 val images x 4 classes sums" in err[0], err
+    assert evaluate.main(["--checkpoint", runs["a"], "--shards", tiny_shards, "--devices", "cpu"]) == 0  # one: fine

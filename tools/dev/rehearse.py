@@ -139,8 +139,9 @@ def build_source(root: str, scale: float, fall11: bool) -> dict:
 
 # ---------------------------------------------------------------- measuring a stage
 
-def _tree_rss(pid: int) -> int:
-    """Bytes resident in process `pid` and every descendant (from /proc)."""
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(bytes resident in process `pid` and every descendant, summed; the most any one of them holds), from
+    /proc. The sum counts pages a forked worker shares with its parent twice; the largest is per process."""
     children: dict[int, list[int]] = {}
     rss = {}
     for entry in os.listdir("/proc"):
@@ -153,12 +154,13 @@ def _tree_rss(pid: int) -> int:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
         rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, todo = 0, [pid]
+    total, largest, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         total += rss.get(p, 0)
+        largest = max(largest, rss.get(p, 0))
         todo += children.get(p, [])
-    return total
+    return total, largest
 
 
 def _dir_bytes(path: str) -> int:
@@ -179,7 +181,7 @@ def run_stage(name: str, cmd: list[str], out: str, stop_when=None, log=None) -> 
     usage0 = os.times()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, lines, stopped = 0, [], False
+    peak, peak_one, lines, stopped = 0, 0, [], False
 
     def read():
         for line in proc.stdout:
@@ -187,7 +189,8 @@ def run_stage(name: str, cmd: list[str], out: str, stop_when=None, log=None) -> 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        tree, one = _tree_rss(proc.pid)
+        peak, peak_one = max(peak, tree), max(peak_one, one)
         if stop_when is not None and not stopped and stop_when():
             proc.send_signal(signal.SIGTERM)
             stopped = True
@@ -202,7 +205,8 @@ def run_stage(name: str, cmd: list[str], out: str, stop_when=None, log=None) -> 
             f.write(f"$ {' '.join(cmd)}\n{text}\n")
     ok = proc.returncode == 0 or (stopped and proc.returncode == 143)
     result = {"stage": name, "exit": proc.returncode, "ok": ok, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-              "peak_rss_mb": round(peak / 2**20, 1), "bytes_written": _dir_bytes(out) - before}
+              "peak_rss_mb": round(peak / 2**20, 1), "peak_process_rss_mb": round(peak_one / 2**20, 1),
+              "bytes_written": _dir_bytes(out) - before}
     for line in lines:
         if line.startswith("REHEARSAL "):
             result.update(json.loads(line[len("REHEARSAL "):]))
@@ -257,7 +261,8 @@ def rehearse(out: str, scale: float, fall11: bool, log: str, listing_only: bool 
 
     if listing_only:
         r = stage("make_shards --part 1/1000", [*ms, shards, "--workers", "1", "--part", "1/1000", *extra])
-        r["bytes_per_listed_image"] = round(r["peak_rss_mb"] * 2**20 / counts["images"], 1)
+        listed = counts["images"] + counts.get("val_images", 0)
+        r["bytes_per_listed_image"] = round(r["peak_process_rss_mb"] * 2**20 / listed, 1)
         shutil.rmtree(base, ignore_errors=True)
         return {"scale": scale, "fall11": fall11, **counts, "checkpoint_mb": None, "stages": rows}
     stage("make_shards", [*ms, shards, "--workers", "2", *extra])
@@ -321,21 +326,35 @@ def growth(results: list[dict]) -> dict:
     return out
 
 
+def memory_slopes(results: list[dict]) -> dict:
+    """Each stage's peak resident memory of its largest process per listed image, between the smallest and
+    the largest scale: (peak2 - peak1) / (images2 - images1), in bytes; the baselines cancel."""
+    if len(results) < 2:
+        return {}
+    a, b = results[0], results[-1]
+    listed = [r["images"] + r.get("val_images", 0) for r in (a, b)]
+    return {ra["stage"]: round((rb["peak_process_rss_mb"] - ra["peak_process_rss_mb"]) * 2**20 / (listed[1] - listed[0]), 1)
+            for ra, rb in zip(a["stages"], b["stages"]) if ra["ok"] and rb["ok"]}
+
+
 def table(report: dict) -> str:
     lines = []
     for r in report["scales"]:
         lines += [f"### S = {r['scale']:g}{' (Fall 2011 shape)' if r['fall11'] else ''}: {r['images']:,} training "
                   f"images, {r['classes']:,} classes", "",
-                  "| stage | exit | wall s | CPU s | peak RSS MB | MB written | first batch s |", "|---|---|---|---|---|---|---|"]
+                  "| stage | exit | wall s | CPU s | peak RSS MB, all processes (largest one) | MB written | first batch s |",
+                  "|---|---|---|---|---|---|---|"]
         for s in r["stages"]:
             per = f" ({s['bytes_per_listed_image']} B a listed image)" if "bytes_per_listed_image" in s else ""
-            lines.append(f"| {s['stage']} | {s['exit']} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f}{per} "
+            lines.append(f"| {s['stage']} | {s['exit']} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f} "
+                         f"({s['peak_process_rss_mb']:.0f}){per} "
                          f"| {s['bytes_written'] / 2**20:.1f} | {s.get('first_batch_s', '')} |")
         lines.append("")
     if report.get("growth"):
-        lines += ["### Growth (exponent of wall time in the number of images; 1.0 is linear)", "",
-                  "| stage | exponent |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in report["growth"].items()] + [""]
+        lines += ["### Growth between the smallest and the largest scale", "",
+                  "| stage | exponent of wall time in images (1.0 linear) | peak RSS of its largest process, bytes an image |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {report['memory_slopes'].get(k, '')} |" for k, v in report["growth"].items()] + [""]
     if report.get("shard_counts"):
         lines += ["### The loader's first batch against the shard count", "", "| shards | first batch s |", "|---|---|"]
         lines += [f"| {r['shards']:,} | {r['first_batch_s']} |" for r in report["shard_counts"]] + [""]
@@ -363,6 +382,7 @@ def main(argv=None) -> int:
     for s in sorted(a.scale):
         report["scales"].append(rehearse(a.out, s, a.fall11, log, a.listing_only))
     report["growth"] = growth(report["scales"])
+    report["memory_slopes"] = memory_slopes(report["scales"])
     for n in a.shard_counts:
         report["shard_counts"].append(shard_count_first_batch(a.out, n, log))
         print(f"  {n} shards: first batch in {report['shard_counts'][-1]['first_batch_s']} s", flush=True)

@@ -90,6 +90,11 @@ class ListingMismatch(Exception):
     to skip, always a refusal of the run."""
 
 
+def _row_type(n: int):
+    """int32 rows where they fit (every listing of ImageNet's), 4 bytes an image less than int64."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def _column(values, dtype) -> np.ndarray:
     """values as a NumPy array of dtype, sharing its memory where it can (array.array, ndarray)."""
     if isinstance(values, array.array) and np.dtype(dtype).itemsize == values.itemsize:
@@ -104,16 +109,19 @@ class SampleList:
     SourceSample objects took about 400: Fall 2011's 14.2M images are under 1 GB in every part, not 7 GB.
     A SourceSample is made only when one is asked for (by index or by iterating)."""
 
-    def __init__(self, path: str, inner: list[str], prefix: str, inner_of, blob: bytes, ends, offsets, sizes):
+    def __init__(self, path: str, inner: list[str], prefix: str, inner_of, blob: bytes, ends, offsets, sizes,
+                 wnids: list[str] | None = None):
+        """inner: the per-class tars' names (the classes' wnids are their stems), or with `wnids` given, the
+        class of each inner_of index, every member directly in the tar at `path` (ILSVRC2012_img_val.tar)."""
         self.path = path
-        self.wnids = [_stem(name) for name in inner]              # one string a class
-        self.heads = [f"{prefix}/{name}/" for name in inner]
+        self.wnids = wnids if wnids is not None else [_stem(name) for name in inner]  # one string a class
+        self.heads = [f"{prefix}/"] * len(wnids) if wnids is not None else [f"{prefix}/{name}/" for name in inner]
         # Zero-copy views of the listing's compact arrays (array.array, or a cache's NumPy arrays): a copy
         # would hold the listing twice at its peak.
         self.inner_of, self.ends = _column(inner_of, np.int32), _column(ends, np.int64)
-        self.offsets, self.sizes = _column(offsets, np.int64), _column(sizes, np.int64)
-        self.blob = blob  # bytes or bytearray, never copied (only sliced)
-        self.rows = np.arange(len(self.offsets), dtype=np.int64)
+        self.offsets, self.sizes = _column(offsets, np.int64), _column(sizes, np.int32)  # a member < 2 GB
+        self.blob = blob  # bytes, bytearray or a uint8 array (a cache's), never copied (only sliced)
+        self.rows = np.arange(len(self.offsets), dtype=_row_type(len(self.offsets)))
         self.ordered = False  # rows in (wnid, key) order
         # every key starts with its class's wnid and "_", and every wnid is a WordNet id (one length): then key
         # order is (wnid, key) order (by_class finds out)
@@ -121,7 +129,7 @@ class SampleList:
 
     def member(self, j: int) -> str:
         start = int(self.ends[j - 1]) if j else 0
-        return self.blob[start:int(self.ends[j])].decode("utf-8", "surrogateescape")  # tarfile's decoding, as listed
+        return bytes(self.blob[start:int(self.ends[j])]).decode("utf-8", "surrogateescape")  # tarfile's decoding
 
     def sample(self, j: int) -> SourceSample:
         m, c = self.member(j), int(self.inner_of[j])
@@ -134,8 +142,9 @@ class SampleList:
         return self.sample(int(self.rows[i]))
 
     def __iter__(self):
-        for j in self.rows.tolist():
-            yield self.sample(j)
+        for start in range(0, len(self.rows), 65536):  # a list of every row's int would be 36 bytes an image
+            for j in self.rows[start:start + 65536].tolist():
+                yield self.sample(j)
 
     def __eq__(self, other) -> bool:  # as the list of SourceSample it stands for
         try:
@@ -149,15 +158,21 @@ class SampleList:
         """The same columns, other rows (positions into the columns, not into this view)."""
         new = object.__new__(SampleList)
         new.__dict__.update(self.__dict__)
-        new.rows, new.ordered = np.asarray(rows, np.int64), ordered
+        new.rows, new.ordered = np.asarray(rows, _row_type(len(self.offsets))), ordered
         return new
 
     def by_class(self):
         """(wnid, its rows in key order) for each class in wnid order: one class's keys in memory at a time."""
-        rank = np.empty(len(self.wnids), np.int64)
-        rank[sorted(range(len(self.wnids)), key=self.wnids.__getitem__)] = np.arange(len(self.wnids))
-        rows = self.rows[np.argsort(rank[self.inner_of[self.rows]], kind="stable")]
-        cuts = np.flatnonzero(np.diff(rank[self.inner_of[rows]])) + 1
+        classes = self.inner_of[self.rows]
+        if self.wnids == sorted(self.wnids) and not (np.diff(classes) < 0).any():
+            rows = self.rows  # listed class by class in wnid order already (the tars' own order): no sort
+        else:
+            rank = np.empty(len(self.wnids), np.int32)
+            rank[sorted(range(len(self.wnids)), key=self.wnids.__getitem__)] = np.arange(len(self.wnids))
+            rows = self.rows[np.argsort(rank[classes], kind="stable")]
+            classes = self.inner_of[rows]
+        cuts = np.flatnonzero(np.diff(classes)) + 1
+        del classes
         prefixed = all(WNID.fullmatch(w) for w in self.wnids)
         for part in np.split(rows, cuts) if len(rows) else []:
             wnid = self.wnids[int(self.inner_of[part[0]])]
@@ -186,11 +201,13 @@ class SampleList:
     def fingerprint(self, h) -> None:
         """Feed everything the listing says, in this order, to hash `h` (make_shards' listing digest): the
         columns' bytes, not a string per image (seconds at Fall 2011's size, not minutes)."""
-        r = self.rows
-        h.update(f"{self.path}\t{len(r)}\n".encode())
-        h.update("\t".join(self.heads).encode("utf-8", "surrogateescape"))
-        for column in (r, self.inner_of[r], self.offsets[r], self.sizes[r], self.ends):
-            h.update(np.ascontiguousarray(column).astype("<i8").tobytes())
+        h.update(f"{self.path}\t{len(self.rows)}\n".encode())
+        h.update("\t".join(self.wnids + self.heads).encode("utf-8", "surrogateescape"))
+        for start in range(0, len(self.rows), 1 << 20):  # a million rows at a time: no column-sized temporaries
+            r = self.rows[start:start + (1 << 20)]
+            for column in (r, self.inner_of[r], self.offsets[r], self.sizes[r]):
+                h.update(np.ascontiguousarray(column, dtype=column.dtype.newbyteorder("<")))
+        h.update(self.ends)
         h.update(self.blob)
 
 
@@ -320,8 +337,8 @@ def _check_keys(root: str, split: str, samples) -> None:
     if not len(samples):
         return
     hashes = np.fromiter((hash(s.key) for s in samples), np.int64, len(samples))
-    values, counts = np.unique(hashes, return_counts=True)
-    repeated = set(values[counts > 1].tolist())
+    hashes.sort()  # in place: no second array the size of the split
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
     if not repeated:
         return
     seen: dict[str, str] = {}
@@ -478,6 +495,31 @@ def _read_devkit(path: str) -> tuple[list[tuple[str, str]], dict[int, str], list
     return sorted(names.items()), id_to_wnid, gt_ids
 
 
+def _append_size(sizes: array.array, size: int, name: str) -> None:
+    try:
+        sizes.append(size)
+    except OverflowError:
+        raise SourceError(f"{name}: {size} bytes, not an image") from None
+
+
+def _tar_columns(path: str) -> tuple:
+    """(image names' bytes end to end, where each ends, byte offsets, sizes) of a tar's image members, from its
+    headers, in compact arrays."""
+    blob, ends, offsets, sizes = bytearray(), array.array("q"), array.array("q"), array.array("i")
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if m.isfile() and _is_image(m.name):
+                    blob += m.name.encode("utf-8", "surrogateescape")
+                    ends.append(len(blob))
+                    offsets.append(m.offset_data)
+                    _append_size(sizes, m.size, f"{path}/{m.name}")
+                tf.members.clear()  # one TarInfo at a time
+    except (tarfile.TarError, OSError) as e:
+        raise SourceError(f"{path}: unreadable tar ({e})") from None
+    return blob, ends, offsets, sizes
+
+
 def _tar_members(path: str, source_prefix: str) -> list[SourceSample]:
     """Image members of a (seekable) tar, as byte ranges of the file; reads headers only."""
     out = []
@@ -504,13 +546,23 @@ def _read_tars(root: str, splits) -> Source:
         path = os.path.join(root, VAL_TAR)
         if not os.path.exists(path):
             raise SourceError(f"{path}: missing")
-        samples = sorted(_tar_members(path, VAL_TAR), key=lambda s: s.key)
-        if len(samples) != len(gt_ids):
+        blob, ends, offsets, sizes = _tar_columns(path)
+        if len(offsets) != len(gt_ids):
             raise SourceError(f"{os.path.join(root, DEVKIT)}: validation ground truth has {len(gt_ids)} labels "
-                              f"but {path} has {len(samples)} images")
-        # Ground-truth line n labels ILSVRC2012_val_<n>: map through meta.mat's IDs.
-        out["val"] = [SourceSample(s.key, id_to_wnid[gt_ids[_val_number(s, path) - 1]], s.source, s.path, s.offset, s.size)
-                      for s in samples]
+                              f"but {path} has {len(offsets)} images")
+        # Ground-truth line n labels ILSVRC2012_val_<n>: map through meta.mat's IDs. Columns, as the train
+        # split's: the class of each image by index (the split is sorted by key in open_source).
+        wnids = [w for w, _ in classes]
+        index = {w: c for c, w in enumerate(wnids)}
+        names = SampleList(path, [], VAL_TAR, np.zeros(len(offsets), np.int32), blob, ends, offsets, sizes,
+                           wnids=wnids)  # for the member names alone
+        label = array.array("i", (index.get(id_to_wnid.get(gt_ids[_val_number(names[j], path) - 1]), -1)
+                                  for j in range(len(offsets))))
+        if len(label) and min(label) < 0:
+            j = label.index(-1)
+            raise SourceError(f"{os.path.join(root, DEVKIT)}: the ground truth labels {names[j].source} with a "
+                              "class that is not among the devkit's leaf classes")
+        out["val"] = SampleList(path, [], VAL_TAR, label, blob, ends, offsets, sizes, wnids=wnids)
     return Source(root, "tars", classes, out)
 
 
@@ -537,7 +589,7 @@ def _list_tar_of_tars(path: str) -> tuple:
     name ends, byte offsets in the outer file, sizes), from the tar's headers. Built in compact arrays
     (array module): no Python object per image, even while listing."""
     inner, inner_of, blob, ends = [], array.array("i"), bytearray(), array.array("q")
-    offsets, sizes = array.array("q"), array.array("q")
+    offsets, sizes = array.array("q"), array.array("i")
     try:
         with tarfile.open(path, "r:") as outer:
             inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
@@ -555,7 +607,7 @@ def _list_tar_of_tars(path: str) -> tuple:
                             blob += im.name.encode("utf-8", "surrogateescape")  # tarfile's own decoding, undone
                             ends.append(len(blob))
                             offsets.append(m.offset_data + im.offset_data)
-                            sizes.append(im.size)
+                            _append_size(sizes, im.size, f"{path}/{m.name}/{im.name}")
                         tar.members.clear()  # tarfile keeps every TarInfo it has read: one at a time is enough
                 if len(offsets) == found:
                     raise SourceError(f"{path}/{m.name}: no images (empty class)")
@@ -589,10 +641,12 @@ def _write_listing(cache: str, columns: tuple, meta: dict) -> None:
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(tmp, "wb") as f:
+            # the columns as they lie (zero-copy views): a copy here was the listing's peak
             np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)),
-                     inner=np.array(json.dumps(inner)), inner_of=np.asarray(inner_of, np.int32),
-                     names=np.frombuffer(bytes(blob), np.uint8), name_ends=np.asarray(ends, np.int64),
-                     offsets=np.asarray(offsets, np.int64), sizes=np.asarray(sizes, np.int64))
+                     inner=np.array(json.dumps(inner)), inner_of=_column(inner_of, np.int32),
+                     names=np.frombuffer(blob, np.uint8) if len(blob) else np.zeros(0, np.uint8),
+                     name_ends=_column(ends, np.int64), offsets=_column(offsets, np.int64),
+                     sizes=_column(sizes, np.int32))
         os.replace(tmp, cache)
     except OSError:
         if os.path.exists(tmp):
@@ -606,9 +660,9 @@ def _read_listing(cache: str, meta: dict) -> tuple | None:
         with np.load(cache, allow_pickle=False) as z:
             if json.loads(str(z["meta"])) != meta:
                 return None
-            inner, inner_of = json.loads(str(z["inner"])), z["inner_of"].astype(np.int32)
-            blob, ends = z["names"].tobytes(), z["name_ends"].astype(np.int64)
-            offsets, sizes = z["offsets"].astype(np.int64), z["sizes"].astype(np.int64)
+            inner, inner_of = json.loads(str(z["inner"])), np.asarray(z["inner_of"], np.int32)  # no copies
+            blob, ends = z["names"], np.asarray(z["name_ends"], np.int64)
+            offsets, sizes = np.asarray(z["offsets"], np.int64), np.asarray(z["sizes"], np.int32)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
     if not (len(inner_of) == len(ends) == len(offsets) == len(sizes)) or (len(ends) and ends[-1] != len(blob)) \

@@ -262,11 +262,10 @@ def test_a_signal_stops_compute_pca_and_its_workers_in_one_line(shards, tmp_path
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while time.time() < deadline and len(_children(proc.pid)) < 2:
-        time.sleep(0.05)
+        time.sleep(0.01)
     workers = _children(proc.pid)
     assert len(workers) >= 2, "the workers never started"
-    time.sleep(0.3)  # past their start-up, into their (slowed) shards
-    proc.send_signal(sig)
+    proc.send_signal(sig)  # at once: while the shards may still be being submitted (that hung, waiting for them)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == status, err
     lines = [line for line in err.splitlines() if line.strip()]

@@ -177,8 +177,9 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
     # the run at once, where the Pool replaced it and waited for good for its shard's result.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                              initializer=init_worker_signals, initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(shard_sums, t) for t in tasks]
-        try:
+        futures = []
+        try:  # the submissions too: a Ctrl-C among them must stop the workers, not wait for their shards
+            futures += [pool.submit(shard_sums, t) for t in tasks]
             for future in as_completed(futures):
                 r = future.result()
                 if r[0] == "error":

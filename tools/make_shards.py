@@ -376,9 +376,9 @@ class ShardRun:
             # once held every sample of the run (as objects, pickled) in this process until it was done.
             tasks = ((name, self._items(name)) for name in todo)
             window = 2 * self.workers
-            pending = {pool.submit(_make_shard, task): task[0] for task in itertools.islice(tasks, window)}
-            flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
-            try:
+            try:  # the first submissions too: a Ctrl-C among them must stop the workers, not wait for them
+                pending = {pool.submit(_make_shard, task): task[0] for task in itertools.islice(tasks, window)}
+                flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
                 made = self._collect(pending, records, digests, syncer, flushed, bar, progress,
                                      lambda: [(pool.submit(_make_shard, t), t[0]) for t in itertools.islice(tasks, 1)])
             except (KeyboardInterrupt, SourceError):  # the workers ignore SIGINT: stop them now, not after their shards

@@ -45,7 +45,9 @@ def test_a_tiny_rehearsal_runs_every_stage_and_tables_it(tmp_path):
     loader = next(s for s in scale["stages"] if s["stage"].startswith("loader"))
     assert loader["images"] == 1000 and loader["first_batch_s"] > 0
     assert all(s["wall_s"] > 0 and s["peak_rss_mb"] > 0 for s in scale["stages"])
-    assert report["shard_counts"][0]["shards"] == 6 and report["shard_counts"][0]["first_batch_s"] > 0
+    counted = report["shard_counts"][0]
+    assert counted["shards"] == 6 and counted["first_batch_s"] > 0 and counted["ok"]
+    assert counted["merge_wall_s"] > 0 and counted["verify_wall_s"] > 0
     md = open(os.path.join(out, "rehearsal.md")).read()
     assert all(f"| {stage} |" in md for stage in STAGES)
     assert sorted(os.listdir(out)) == ["rehearsal.json", "rehearsal.log", "rehearsal.md"]  # the scratch data is gone

@@ -302,15 +302,61 @@ def shard_count_first_batch(out: str, shards_wanted: int, log: str) -> dict:
             f.write(pool[4 + k % (POOL - 4)])
     with open(os.path.join(src, "val", "n00000001", "ILSVRC2012_val_00000001.JPEG"), "wb") as f:
         f.write(pool[4])
-    shards = os.path.join(base, "shards")
-    made = run_stage("make_shards", [py, os.path.join("tools", "make_shards.py"), src, shards, "--workers", "2",
-                                     "--shard-samples", "1"], base, log=log)
+    shards, parts = os.path.join(base, "shards"), os.path.join(base, "parts")
+    ms = [py, os.path.join("tools", "make_shards.py")]
+    made = run_stage("make_shards", [*ms, src, shards, "--workers", "2", "--shard-samples", "1"], base, log=log)
+    for i in range(1, 5):  # the bookkeeping that grows with the shard count: journals, then the merge
+        run_stage("part", [*ms, src, parts, "--workers", "2", "--shard-samples", "1", "--part", f"{i}/4"], base, log=log)
+    merged = run_stage("merge", [*ms, "--merge", parts], base, log=log)
+    verified = run_stage("verify_shards", [py, os.path.join("tools", "verify_shards.py"), shards], base, log=log)
     run_stage("compute_pca", [py, os.path.join("tools", "compute_pca.py"), shards, "--quiet"], base, log=log)
     first = run_stage("loader first batch", [py, "-c", LOADER_EPOCH.replace("n = 128 + sum(len(y) for _, y in it)",
                                                                             "n = 128"), shards], base, log=log)
     shutil.rmtree(base, ignore_errors=True)
     return {"shards": shards_wanted, "make_shards_wall_s": made["wall_s"], "first_batch_s": first.get("first_batch_s"),
-            "loader_process_wall_s": first["wall_s"], "ok": made["ok"] and first["ok"]}
+            "loader_process_wall_s": first["wall_s"], "merge_wall_s": merged["wall_s"],
+            "verify_wall_s": verified["wall_s"], "ok": all(r["ok"] for r in (made, merged, verified, first))}
+
+
+BOOKKEEPING = """
+import json, os, sys, tempfile, time
+import numpy as np, torch
+from pipeline import plan
+from model.alexnet import AlexNet, AlexNetConfig
+from model.checkpoint import checkpoint_digest, load_checkpoint, save_atomic
+out = {}
+for name, counts in (("ilsvrc", [1024] * 1251 + [143]), ("fall11", [1024] * 13864 + [482])):
+    t0 = time.perf_counter()
+    order = plan.rank_order(counts, epoch=3, seed=0, rank=0, world_size=1, batch_size=128, shuffle=True)
+    out[f"{name}_epoch_order_s"] = round(time.perf_counter() - t0, 3)
+    out[f"{name}_epoch_order_mb"] = round(order.nbytes / 2**20, 1)
+for classes in (1000, 21841):
+    model = AlexNet(cfg=AlexNetConfig(num_classes=classes))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = {"model": state, "optimizer": {"momentum": {k: torch.zeros_like(v) for k, v in state.items()}}}
+    t0 = time.perf_counter()
+    ckpt["digest"] = checkpoint_digest(ckpt)
+    path = os.path.join(sys.argv[1], f"ckpt{classes}.pt")
+    save_atomic(ckpt, path)
+    t1 = time.perf_counter()
+    load_checkpoint(path)
+    t2 = time.perf_counter()
+    out[f"checkpoint{classes}_mb"] = round(os.path.getsize(path) / 2**20, 1)
+    out[f"checkpoint{classes}_save_s"], out[f"checkpoint{classes}_load_s"] = round(t1 - t0, 2), round(t2 - t1, 2)
+    os.remove(path)
+print("REHEARSAL " + json.dumps(out))
+"""
+
+
+def bookkeeping(out: str, log: str) -> dict:
+    """What does not depend on the pixels, at full size: a training epoch's order over ILSVRC-2012's 1,252
+    shards and Fall 2011's 13,865, and a full-width checkpoint (1,000 and 21,841 classes) written with its
+    digest and read back verified."""
+    base = os.path.join(out, "bookkeeping")
+    os.makedirs(base, exist_ok=True)
+    r = run_stage("bookkeeping", [sys.executable, "-c", BOOKKEEPING, base], base, log=log)
+    shutil.rmtree(base, ignore_errors=True)
+    return r
 
 
 def growth(results: list[dict]) -> dict:
@@ -356,8 +402,10 @@ def table(report: dict) -> str:
                   "|---|---|---|"]
         lines += [f"| {k} | {v:.2f} | {report['memory_slopes'].get(k, '')} |" for k, v in report["growth"].items()] + [""]
     if report.get("shard_counts"):
-        lines += ["### The loader's first batch against the shard count", "", "| shards | first batch s |", "|---|---|"]
-        lines += [f"| {r['shards']:,} | {r['first_batch_s']} |" for r in report["shard_counts"]] + [""]
+        lines += ["### Against the shard count (one image a shard)", "",
+                  "| shards | loader's first batch s | merge of 4 parts s | verify_shards s |", "|---|---|---|---|"]
+        lines += [f"| {r['shards']:,} | {r['first_batch_s']} | {r['merge_wall_s']} | {r['verify_wall_s']} |"
+                  for r in report["shard_counts"]] + [""]
     return "\n".join(lines)
 
 
@@ -368,11 +416,13 @@ def main(argv=None) -> int:
     p.add_argument("--fall11", action="store_true", help="Fall 2011's shape: fall11_whole.tar, 21,841 synsets")
     p.add_argument("--listing-only", action="store_true",
                    help="only make_shards --part 1/1000 at each scale: the listing's memory and time")
+    p.add_argument("--bookkeeping", action="store_true",
+                   help="also time a full-size epoch order and full-width checkpoints (no data needed)")
     p.add_argument("--shard-counts", type=int, nargs="*", default=[],
                    help="also time the loader's first batch over shard sets of these many shards")
     a = p.parse_args(argv)
-    if not a.scale and not a.shard_counts:
-        p.error("give --scale S [S ...] and/or --shard-counts N [N ...]")
+    if not a.scale and not a.shard_counts and not a.bookkeeping:
+        p.error("give --scale S [S ...], --shard-counts N [N ...] and/or --bookkeeping")
     if any(not 0 < s <= 1 for s in a.scale) or any(n < 1 for n in a.shard_counts):
         p.error("--scale takes fractions in (0, 1], --shard-counts positive counts")
     os.makedirs(a.out, exist_ok=True)
@@ -386,6 +436,9 @@ def main(argv=None) -> int:
     for n in a.shard_counts:
         report["shard_counts"].append(shard_count_first_batch(a.out, n, log))
         print(f"  {n} shards: first batch in {report['shard_counts'][-1]['first_batch_s']} s", flush=True)
+    if a.bookkeeping:
+        report["bookkeeping"] = bookkeeping(a.out, log)
+        print(f"  bookkeeping: {report['bookkeeping']}", flush=True)
     with open(os.path.join(a.out, "rehearsal.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(a.out, "rehearsal.md"), "w", encoding="utf-8") as f:
@@ -393,6 +446,7 @@ def main(argv=None) -> int:
     print(table(report))
     failed = [s["stage"] for r in report["scales"] for s in r["stages"] if not s["ok"]]
     failed += [f"{r['shards']} shards" for r in report["shard_counts"] if not r["ok"]]
+    failed += ["bookkeeping"] * (a.bookkeeping and not report["bookkeeping"]["ok"])
     if failed:
         print(f"rehearse: failed: {', '.join(failed)} (see {log})", file=sys.stderr)
         return 1

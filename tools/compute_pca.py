@@ -41,7 +41,7 @@ from model.errors import command
 from pipeline.normalization import check_pca
 from pipeline.shards import (MANIFEST, PCA_FILE, ShardError, atomic_write, check_writable, iter_tar_samples,
                              load_manifest, split_shards)
-from tools.workers import init_worker_signals, kill_workers
+from tools.workers import init_worker_signals, kill_workers, signals_held
 
 # fb.resnet.torch's widely used ImageNet constants (pixels in [0, 1]); eigenvectors as columns there,
 # stored here as rows (one per eigenvalue) to match pca.json.
@@ -179,7 +179,8 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
                              initializer=init_worker_signals, initargs=(os.getpid(),)) as pool:
         futures = []
         try:  # the submissions too: a Ctrl-C among them must stop the workers, not wait for their shards
-            futures += [pool.submit(shard_sums, t) for t in tasks]
+            with signals_held():
+                futures += [pool.submit(shard_sums, t) for t in tasks]
             for future in as_completed(futures):
                 r = future.result()
                 if r[0] == "error":

@@ -57,7 +57,7 @@ from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write
 from tools.imagenet_source import (LAYOUTS, LISTING_CACHE, ListingMismatch, SampleList, Source, SourceError,
                                    SourceSample, open_source)
 from model.errors import sigterm_as_interrupt, stopped
-from tools.workers import init_worker_signals, kill_workers
+from tools.workers import init_worker_signals, kill_workers, signals_held
 
 JOURNAL = "_progress.jsonl"
 
@@ -377,10 +377,11 @@ class ShardRun:
             tasks = ((name, self._items(name)) for name in todo)
             window = 2 * self.workers
             try:  # the first submissions too: a Ctrl-C among them must stop the workers, not wait for them
-                pending = {pool.submit(_make_shard, task): task[0] for task in itertools.islice(tasks, window)}
+                with signals_held():
+                    pending = {pool.submit(_make_shard, task): task[0] for task in itertools.islice(tasks, window)}
                 flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
                 made = self._collect(pending, records, digests, syncer, flushed, bar, progress,
-                                     lambda: [(pool.submit(_make_shard, t), t[0]) for t in itertools.islice(tasks, 1)])
+                                     lambda: _held([(pool.submit, t) for t in itertools.islice(tasks, 1)]))
             except (KeyboardInterrupt, SourceError):  # the workers ignore SIGINT: stop them now, not after their shards
                 bar.close()
                 kill_workers(pool)
@@ -517,6 +518,12 @@ class ShardRun:
         kept = f", {total - made} kept from the unfinished run" if made < total else ""
         print(f"done in {elapsed:.1f} s: {made} images made ({made / max(elapsed, 1e-9):.0f} img/s){kept} "
               f"-> {os.path.join(self.out, MANIFEST)}")
+
+
+def _held(submissions) -> list:
+    """(future, shard name) of each (submit, task), submitted with Ctrl-C and SIGTERM held back."""
+    with signals_held():
+        return [(submit(_make_shard, task), task[0]) for submit, task in submissions]
 
 
 def part_journal(i: int, parts: int) -> str:

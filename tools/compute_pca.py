@@ -41,7 +41,7 @@ from model.errors import command
 from pipeline.normalization import check_pca
 from pipeline.shards import (MANIFEST, PCA_FILE, ShardError, atomic_write, check_writable, iter_tar_samples,
                              load_manifest, split_shards)
-from tools.workers import init_worker_signals, kill_workers, signals_held
+from tools.workers import init_worker_signals, kill_workers, signals_held, workers_stopped_first
 
 # fb.resnet.torch's widely used ImageNet constants (pixels in [0, 1]); eigenvectors as columns there,
 # stored here as rows (one per eigenvalue) to match pca.json.
@@ -178,25 +178,27 @@ def compute(out: str, workers: int, max_images: int | None = None, progress: boo
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                              initializer=init_worker_signals, initargs=(os.getpid(),)) as pool:
         futures = []
-        try:  # the submissions too: a Ctrl-C among them must stop the workers, not wait for their shards
-            with signals_held():
-                futures += [pool.submit(shard_sums, t) for t in tasks]
-            for future in as_completed(futures):
-                r = future.result()
-                if r[0] == "error":
-                    raise ShardError(r[1])
-                images, totals = images + r[0], tuple(map(operator.add, totals, r[1]))
-                bar.update(r[0])
-        except BrokenProcessPool:
-            bar.close()
-            raise WorkerDied(f"{out}: a worker process died (killed: out of memory?); no {PCA_FILE} written") from None
-        except (KeyboardInterrupt, ShardError):  # the workers ignore SIGINT: stop them now, not after their shards
-            bar.close()
-            kill_workers(pool)
-            raise
-        finally:
-            for f in futures:
-                f.cancel()
+        with workers_stopped_first(pool):
+            try:  # the submissions too: a Ctrl-C among them must stop the workers, not wait for their shards
+                with signals_held():
+                    futures += [pool.submit(shard_sums, t) for t in tasks]
+                for future in as_completed(futures):
+                    r = future.result()
+                    if r[0] == "error":
+                        raise ShardError(r[1])
+                    images, totals = images + r[0], tuple(map(operator.add, totals, r[1]))
+                    bar.update(r[0])
+            except BrokenProcessPool:
+                bar.close()
+                raise WorkerDied(f"{out}: a worker process died (killed: out of memory?); no {PCA_FILE} "
+                                 "written") from None
+            except (KeyboardInterrupt, ShardError):  # the workers ignore SIGINT: stop them now, not after their shards
+                bar.close()
+                kill_workers(pool)
+                raise
+            finally:
+                for f in futures:
+                    f.cancel()
     bar.close()
     if images == 0:
         raise ShardError(f"{os.path.join(out, MANIFEST)}: no training images to count")

@@ -46,6 +46,26 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+@contextlib.contextmanager
+def workers_stopped_first(pool):
+    """While the block runs, Ctrl-C and SIGTERM first kill the pool's workers, in the signal handler, and
+    then raise as usual (KeyboardInterrupt, or model.errors.Terminated): whatever the main thread was waiting
+    for inside the executor, nothing is left for it to wait on (an interrupt met in the executor's own code
+    could otherwise wait for the workers' shards: seen as a rare hang under load)."""
+    from model.errors import Terminated
+
+    def stop(signum, frame):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    previous = {s: signal.signal(s, stop) for s in HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def kill_workers(pool) -> None:
     """Stop a ProcessPoolExecutor's workers now, not after their tasks (Ctrl-C, SIGTERM, a refusal). The
     pool's own thread then fails every pending future as broken; no future may be cancelled first (that

@@ -124,7 +124,6 @@ def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | 
     """A bare PyTorch training loop (the baseline for the trainer): AlexNet, SGD, one fixed batch.
     On a GPU with bf16 autocast and channels-last, as the trainer; warm-up steps are not timed."""
     import torch
-    import torch.nn.functional as F
     from model.alexnet import AlexNet, AlexNetConfig
     torch.manual_seed(0)
     gpu = dev != "cpu"
@@ -135,6 +134,15 @@ def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | 
     net = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     y = torch.randint(0, 10, (batch,), device=dev)
+    return _step_rate(net, x, y, opt, steps, warmup if warmup is not None else (3 if not compiled else 5))
+
+
+def _step_rate(net, x, y, opt, steps: int, warmup: int) -> float:
+    """Images/s of plain SGD steps on one fixed batch (bf16 autocast on a GPU), after warm-up steps (and
+    compilation) that are not timed; one sync at the start and one at the end."""
+    import torch
+    import torch.nn.functional as F
+    gpu = x.device.type == "cuda"
 
     def step():
         with torch.autocast(device_type="cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu):
@@ -144,11 +152,11 @@ def _model_rate(dev: str, batch: int, steps: int, compiled: bool, warmup: int | 
         opt.step()
         return loss
 
-    for _ in range(warmup if warmup is not None else (3 if not compiled else 5)):  # warm-up (and compilation)
+    for _ in range(warmup):
         step()
     step().item()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    loss.item()  # one sync at the end
-    return steps * batch / (time.perf_counter() - t0)
+    loss.item()
+    return steps * len(x) / (time.perf_counter() - t0)

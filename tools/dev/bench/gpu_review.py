@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
-from tools.dev.bench.common import _quiet
+from tools.dev.bench.common import _quiet, _step_rate
 
 GPU_SLEEP_CYCLES = 50_000_000  # torch.cuda._sleep: ~25-50 ms of a GPU's time, so the host runs steps ahead
 
@@ -97,23 +96,9 @@ def review_ratios(dev: str, batch: int, steps: int, rounds: int = 3) -> dict:
     from model import alexnet
     from model.alexnet import AlexNet, AlexNetConfig
     gpu = dev != "cpu"
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     def step_rate(model, x, y, opt, n=steps):
-        def step():
-            with torch.autocast(device_type="cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for _ in range(2):
-            step()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        return n * len(x) / (time.perf_counter() - t0)
+        return _step_rate(model, x, y, opt, n, warmup=1)
 
     def setup():
         torch.manual_seed(0)

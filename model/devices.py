@@ -7,6 +7,7 @@ import os
 import torch
 
 from model.errors import UsageError
+from pipeline.loader import cores_per_process, local_processes, usable_cores
 
 
 def parse_devices(spec: str, world: int = 1, local_rank: int = 0) -> list[str]:
@@ -77,15 +78,6 @@ def wrap(model: torch.nn.Module, world: int, device: torch.device, compile: bool
     return torch.compile(net, dynamic=False) if compile else net  # one shape: train_step pads the last batch
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which a scheduler or taskset narrows), not
-    the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows: no affinity call
-        return os.cpu_count() or 1
-
-
 def intra_op_threads(requested: int, cores: int | None = None, local_world: int | None = None) -> tuple[int, str]:
     """(torch's intra-op thread count for this process, why). Chosen here, never left to the launcher:
     torchrun sets OMP_NUM_THREADS=1 only when it starts more than one process a node, so the same run
@@ -94,9 +86,8 @@ def intra_op_threads(requested: int, cores: int | None = None, local_world: int 
     if requested:
         return requested, "--intra-op-threads"
     cores = usable_cores() if cores is None else cores
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world is None else local_world
-    n = max(1, cores // max(1, local_world))
-    return n, f"{cores} usable cores / {local_world} process(es) on this node"
+    local_world = local_processes() if local_world is None else local_world
+    return cores_per_process(cores, local_world), f"{cores} usable cores / {local_world} process(es) on this node"
 
 
 def distributed() -> tuple[int, int, int]:

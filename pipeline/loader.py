@@ -251,12 +251,24 @@ class BatchRing:
         self.held.clear()
 
 
-def cores_per_process() -> int:
-    """This process's share of the cores it may use: usable cores (its affinity) / the processes torchrun
-    started on this node (LOCAL_WORLD_SIZE), at least 1. One loader thread or worker per core on every rank
-    oversubscribes a node by the rank count (8x at 8 ranks)."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a scheduler or taskset narrows), not
+    the machine's count."""
     try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # no affinity call (macOS)
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows: no affinity call
+        return os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    """The processes torchrun started on this node (LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def cores_per_process(cores: int | None = None, local_world: int | None = None) -> int:
+    """This process's share of the cores it may use: usable cores / processes on this node, at least 1.
+    One loader thread or worker per core on every rank oversubscribes a node by the rank count (8x at 8
+    ranks); the trainer's intra-op threads take the same share (model/devices.py)."""
+    cores = usable_cores() if cores is None else cores
+    local_world = local_processes() if local_world is None else local_world
+    return max(1, cores // max(1, local_world))

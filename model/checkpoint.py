@@ -4,7 +4,6 @@ and the check that a shard set has its classes. Used by train, evaluate, predict
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -17,7 +16,7 @@ import torch
 from model.alexnet import AlexNetConfig, build, load_canonical, named_canonical_parameters
 from model.errors import UsageError
 from pipeline.normalization import Normalization
-from pipeline.shards import MANIFEST
+from pipeline.shards import MANIFEST, LockHeld, hold_lock, let_go
 
 # Recipe values that may differ between a run and its resumption (they change no number already
 # computed); every other value, the seed and the shard set may not.
@@ -145,30 +144,21 @@ def acquire_lock(out: str) -> int:
     over, whatever pid it names (the kernel releases a dead process's lock, and a reused pid cannot
     pass for a run). Returns the lock's file descriptor (release_lock closes it)."""
     path = os.path.join(out, ".lock")
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UsageError(f"{out}: in use by another run (pid {holder}, {path}); wait for it or choose another --out")
-    left = os.read(fd, 64).decode(errors="replace").strip()
+        fd, left = hold_lock(path)
+    except LockHeld as e:
+        raise UsageError(f"{out}: in use by another run (pid {e.args[0] or 'unknown'}, {path}); wait for it or "
+                         "choose another --out") from None
     if left:
         print(f"train: {path}: taking over the lock left by pid {left}, which no longer holds it",
               file=sys.stderr, flush=True)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
 def release_lock(out: str, fd: int) -> None:
     """Removes OUT/.lock, then lets go of it (in that order: no window where another run could take
     the file and then lose it to the removal)."""
-    try:
-        os.remove(os.path.join(out, ".lock"))
-    except FileNotFoundError:
-        pass
-    os.close(fd)
+    let_go(os.path.join(out, ".lock"), fd)
 
 
 def pid_alive(pid: int) -> bool:

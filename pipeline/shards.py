@@ -11,6 +11,7 @@ This module imports neither DALI nor torch: tools, the pipeline and tests share 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -196,6 +197,35 @@ def atomic_write(path: str, data: bytes | list[bytes], fsync: bool = True) -> No
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+class LockHeld(Exception):
+    """hold_lock: another live process holds the lock; args[0] is what it wrote there (its pid)."""
+
+
+def hold_lock(path: str) -> tuple[int, str]:
+    """flock(2) the file at `path` (made if missing) for as long as the returned descriptor stays open, and
+    write this process's pid into it for people: (descriptor, what the file held before, e.g. a dead
+    process's pid). LockHeld where a live process holds it; the kernel lets go of a dead one's lock."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip()
+        os.close(fd)
+        raise LockHeld(holder) from None
+    left = os.read(fd, 64).decode(errors="replace").strip()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, left
+
+
+def let_go(path: str, fd: int) -> None:
+    """Removes a hold_lock file, then closes its descriptor (in that order: no window where another process
+    could take the file and then lose it to the removal)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    os.close(fd)
 
 
 def check_writable(path: str) -> None:

@@ -29,7 +29,7 @@ An image that cannot be decoded fails the run, naming every such file, unless
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -52,8 +52,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.images import RESAMPLE, shard_image
-from pipeline.shards import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write, error_text, index_name,
-                             pack_sample, sha256_file, shard_name)
+from pipeline.shards import (FORMAT_VERSION, MANIFEST, LockHeld, ShardWriter, atomic_write, error_text, hold_lock,
+                             index_name, let_go, pack_sample, sha256_file, shard_name)
 from tools.imagenet_source import (LAYOUTS, LISTING_CACHE, ListingMismatch, SampleList, Source, SourceError,
                                    SourceSample, open_source)
 from model.errors import sigterm_as_interrupt, stopped
@@ -292,24 +292,17 @@ class ShardRun:
     def _lock(self) -> None:
         """Hold <journal>.lock (flock) for the run's life: the same part, or the same OUT, made by two
         processes at once would interleave one journal. The kernel lets go when the process dies."""
-        path = self.journal_path.rsplit(".", 1)[0] + ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path = lock_name(self.journal_path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
+            self._lock_fd = hold_lock(path)[0]
+        except LockHeld as e:
             what = f"part {self.part[0]}/{self.part[1]} of {self.out}" if self.part else self.out
-            raise SourceError(f"{path}: another make_shards (pid {holder}) is making {what} now; wait for it, "
-                              "or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # for people; the flock is what counts
-        self._lock_fd, self._lock_path = fd, path
+            raise SourceError(f"{path}: another make_shards (pid {e.args[0] or '?'}) is making {what} now; wait for "
+                              "it, or stop it first") from None
 
     def _unlock(self) -> None:
         if getattr(self, "_lock_fd", None) is not None:
-            os.remove(self._lock_path)
-            os.close(self._lock_fd)
+            let_go(lock_name(self.journal_path), self._lock_fd)
             self._lock_fd = None
 
     def listing_digest(self) -> str:
@@ -526,6 +519,11 @@ def _held(submissions) -> list:
         return [(submit(_make_shard, task), task[0]) for submit, task in submissions]
 
 
+def lock_name(journal: str) -> str:
+    """The lock file of a run or part beside its journal: _progress[.part-I-of-N].lock."""
+    return journal.rsplit(".", 1)[0] + ".lock"
+
+
 def part_journal(i: int, parts: int) -> str:
     return f"_progress.part-{i}-of-{parts}.jsonl"
 
@@ -594,8 +592,8 @@ def merge(out: str) -> int:
     run._write_manifest()
     for j in journals:
         os.remove(j)
-        if os.path.exists(j.rsplit(".", 1)[0] + ".lock"):
-            os.remove(j.rsplit(".", 1)[0] + ".lock")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock_name(j))
     for split, recs in run.records.items():
         print(f"{split:5s}: {sum(r['samples'] for r in recs)} images in {len(recs)} shards")
     print(f"merged {parts} parts -> {os.path.join(out, MANIFEST)}")

@@ -57,7 +57,7 @@ from pipeline.shards import (FORMAT_VERSION, MANIFEST, LockHeld, ShardWriter, at
 from tools.imagenet_source import (LAYOUTS, LISTING_CACHE, ListingMismatch, SampleList, Source, SourceError,
                                    SourceSample, open_source)
 from model.errors import sigterm_as_interrupt, stopped
-from tools.workers import init_worker_signals, kill_workers, signals_held
+from tools.workers import init_worker_signals, kill_workers, signals_held, workers_stopped_first
 
 JOURNAL = "_progress.jsonl"
 
@@ -369,16 +369,16 @@ class ShardRun:
             # once held every sample of the run (as objects, pickled) in this process until it was done.
             tasks = ((name, self._items(name)) for name in todo)
             window = 2 * self.workers
-            try:  # the first submissions too: a Ctrl-C among them must stop the workers, not wait for them
-                with signals_held():
-                    pending = {pool.submit(_make_shard, task): task[0] for task in itertools.islice(tasks, window)}
-                flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
-                made = self._collect(pending, records, digests, syncer, flushed, bar, progress,
-                                     lambda: _held([(pool.submit, t) for t in itertools.islice(tasks, 1)]))
-            except (KeyboardInterrupt, SourceError):  # the workers ignore SIGINT: stop them now, not after their shards
-                bar.close()
-                kill_workers(pool)
-                raise
+            with workers_stopped_first(pool):
+                try:  # the first submissions too: a Ctrl-C among them must stop the workers, not wait for them
+                    pending = _submit(pool, itertools.islice(tasks, window))
+                    flushed = [syncer.submit(self._flush, name) for name in records]  # kept from an earlier run
+                    made = self._collect(pending, records, digests, syncer, flushed, bar, progress,
+                                         lambda: _submit(pool, itertools.islice(tasks, 1)))
+                except (KeyboardInterrupt, SourceError):  # the workers ignore SIGINT: stop them now, not after
+                    bar.close()                           # their shards
+                    kill_workers(pool)
+                    raise
         bar.update(progress.value - bar.n)
         bar.close()
         for f in flushed:  # every shard on disk before the manifest says the directory is complete
@@ -513,10 +513,10 @@ class ShardRun:
               f"-> {os.path.join(self.out, MANIFEST)}")
 
 
-def _held(submissions) -> list:
-    """(future, shard name) of each (submit, task), submitted with Ctrl-C and SIGTERM held back."""
+def _submit(pool, tasks) -> dict:
+    """{future: shard name} of each (name, items) task, submitted with Ctrl-C and SIGTERM held back."""
     with signals_held():
-        return [(submit(_make_shard, task), task[0]) for submit, task in submissions]
+        return {pool.submit(_make_shard, task): task[0] for task in tasks}
 
 
 def lock_name(journal: str) -> str:

@@ -55,8 +55,7 @@ def workers_stopped_first(pool):
     from model.errors import Terminated
 
     def stop(signum, frame):
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
+        _kill(pool)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
     previous = {s: signal.signal(s, stop) for s in HELD}
     try:
@@ -70,6 +69,10 @@ def kill_workers(pool) -> None:
     """Stop a ProcessPoolExecutor's workers now, not after their tasks (Ctrl-C, SIGTERM, a refusal). The
     pool's own thread then fails every pending future as broken; no future may be cancelled first (that
     thread's set_exception on a cancelled future is an InvalidStateError traceback), so this waits for it."""
+    _kill(pool)
+    pool.shutdown(wait=True)
+
+
+def _kill(pool) -> None:
     for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to kill them
         process.kill()
-    pool.shutdown(wait=True)

@@ -495,29 +495,38 @@ def _read_devkit(path: str) -> tuple[list[tuple[str, str]], dict[int, str], list
     return sorted(names.items()), id_to_wnid, gt_ids
 
 
-def _append_size(sizes: array.array, size: int, name: str) -> None:
-    try:
-        sizes.append(size)
-    except OverflowError:
-        raise SourceError(f"{name}: {size} bytes, not an image") from None
+def _new_columns() -> tuple:
+    """(image names' bytes end to end, where each ends, byte offsets, sizes): empty compact arrays."""
+    return bytearray(), array.array("q"), array.array("q"), array.array("i")
+
+
+def _add_members(tar: tarfile.TarFile, base: int, columns: tuple, where: str) -> int:
+    """Appends each image member of `tar` (read header by header) to `columns` (_new_columns), at byte
+    `base` + its offset; returns how many. tarfile keeps every TarInfo it has read: one at a time here."""
+    blob, ends, offsets, sizes = columns
+    found = len(offsets)
+    for m in tar:
+        if m.isfile() and _is_image(m.name):
+            blob += m.name.encode("utf-8", "surrogateescape")  # tarfile's own decoding, undone
+            ends.append(len(blob))
+            offsets.append(base + m.offset_data)
+            try:
+                sizes.append(m.size)
+            except OverflowError:
+                raise SourceError(f"{where}/{m.name}: {m.size} bytes, not an image") from None
+        tar.members.clear()
+    return len(offsets) - found
 
 
 def _tar_columns(path: str) -> tuple:
-    """(image names' bytes end to end, where each ends, byte offsets, sizes) of a tar's image members, from its
-    headers, in compact arrays."""
-    blob, ends, offsets, sizes = bytearray(), array.array("q"), array.array("q"), array.array("i")
+    """_new_columns of a tar's image members, from its headers."""
+    columns = _new_columns()
     try:
         with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if m.isfile() and _is_image(m.name):
-                    blob += m.name.encode("utf-8", "surrogateescape")
-                    ends.append(len(blob))
-                    offsets.append(m.offset_data)
-                    _append_size(sizes, m.size, f"{path}/{m.name}")
-                tf.members.clear()  # one TarInfo at a time
+            _add_members(tf, 0, columns, path)
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: unreadable tar ({e})") from None
-    return blob, ends, offsets, sizes
+    return columns
 
 
 def _tar_members(path: str, source_prefix: str) -> list[SourceSample]:
@@ -554,15 +563,15 @@ def _read_tars(root: str, splits) -> Source:
         # split's: the class of each image by index (the split is sorted by key in open_source).
         wnids = [w for w, _ in classes]
         index = {w: c for c, w in enumerate(wnids)}
-        names = SampleList(path, [], VAL_TAR, np.zeros(len(offsets), np.int32), blob, ends, offsets, sizes,
-                           wnids=wnids)  # for the member names alone
-        label = array.array("i", (index.get(id_to_wnid.get(gt_ids[_val_number(names[j], path) - 1]), -1)
-                                  for j in range(len(offsets))))
-        if len(label) and min(label) < 0:
-            j = label.index(-1)
-            raise SourceError(f"{os.path.join(root, DEVKIT)}: the ground truth labels {names[j].source} with a "
+        val = SampleList(path, [], VAL_TAR, np.zeros(len(offsets), np.int32), blob, ends, offsets, sizes,
+                         wnids=wnids)  # its class column filled in below, in place
+        val.inner_of[:] = np.fromiter((index.get(id_to_wnid.get(gt_ids[_val_number(val[j], path) - 1]), -1)
+                                       for j in range(len(offsets))), np.int32, len(offsets))
+        if len(val) and val.inner_of.min() < 0:
+            j = int(np.argmin(val.inner_of))
+            raise SourceError(f"{os.path.join(root, DEVKIT)}: the ground truth labels {val[j].source} with a "
                               "class that is not among the devkit's leaf classes")
-        out["val"] = SampleList(path, [], VAL_TAR, label, blob, ends, offsets, sizes, wnids=wnids)
+        out["val"] = val
     return Source(root, "tars", classes, out)
 
 
@@ -588,8 +597,8 @@ def _list_tar_of_tars(path: str) -> tuple:
     """(inner tar names, each image's inner tar by index, the image names' bytes end to end, where each
     name ends, byte offsets in the outer file, sizes), from the tar's headers. Built in compact arrays
     (array module): no Python object per image, even while listing."""
-    inner, inner_of, blob, ends = [], array.array("i"), bytearray(), array.array("q")
-    offsets, sizes = array.array("q"), array.array("i")
+    inner, inner_of = [], array.array("i")
+    columns = _new_columns()
     try:
         with tarfile.open(path, "r:") as outer:
             inner_tars = [m for m in outer if m.isfile() and m.name.endswith(".tar")]
@@ -599,22 +608,15 @@ def _list_tar_of_tars(path: str) -> tuple:
                 # An inner tar is a byte range of the outer one: read its headers
                 # in place (tarfile over a window of the file), never extracting.
                 window = _FileWindow(path, m.offset_data, m.size)
-                found = len(offsets)
                 with tarfile.open(fileobj=window, mode="r:") as tar:
-                    for im in tar:
-                        if im.isfile() and _is_image(im.name):
-                            inner_of.append(len(inner))
-                            blob += im.name.encode("utf-8", "surrogateescape")  # tarfile's own decoding, undone
-                            ends.append(len(blob))
-                            offsets.append(m.offset_data + im.offset_data)
-                            _append_size(sizes, im.size, f"{path}/{m.name}/{im.name}")
-                        tar.members.clear()  # tarfile keeps every TarInfo it has read: one at a time is enough
-                if len(offsets) == found:
+                    found = _add_members(tar, m.offset_data, columns, f"{path}/{m.name}")
+                if not found:
                     raise SourceError(f"{path}/{m.name}: no images (empty class)")
+                inner_of.extend(array.array("i", [len(inner)]) * found)
                 inner.append(m.name)
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: unreadable tar ({e})") from None
-    return inner, inner_of, blob, ends, offsets, sizes
+    return (inner, inner_of, *columns)
 
 
 def listing_cache(meta: dict, cache_dir: str) -> str:

@@ -108,10 +108,7 @@ def _encode_sample(sample: SourceSample, label: int, content=None):
     """Source sample -> (its packed tar members, None) or (None, the error). Never raises.
     content: a hash that the source bytes are fed to (--rehash)."""
     try:
-        try:
-            data = sample.read()
-        except ListingMismatch:
-            raise  # not an undecodable image: the run stops (_make_shard)
+        data = sample.read()
         if content is not None:
             content.update(data)
         with warnings.catch_warnings(record=True) as caught:
@@ -121,7 +118,7 @@ def _encode_sample(sample: SourceSample, label: int, content=None):
             if issubclass(w.category, Image.DecompressionBombWarning):
                 print(f"make_shards: {sample.source}: warning: {w.message}", file=sys.stderr, flush=True)
     except ListingMismatch:
-        raise
+        raise  # not an undecodable image: the run stops (_make_shard)
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per file
         return None, error_text(e)
     return pack_sample(sample.key, jpg, label, {"wnid": sample.wnid, "source": sample.source,

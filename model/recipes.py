@@ -87,7 +87,7 @@ class Recipe:
 
     def validate(self) -> None:
         """ValueError naming the flag and what is wrong."""
-        from model.alexnet import INITS
+        from model.alexnet import CONV1_PADDING, INITS
         from pipeline.normalization import MODES
         choices = {"schedule": ("plateau", "step"), "init": INITS,
                    "lrn_layers": ("paper", "all"), "lrn_convention": ("alpha/n", "alpha"),
@@ -96,7 +96,7 @@ class Recipe:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag(f.name)} must be a finite number, not {value}")
-        if self.input_size not in (224, 227):
+        if self.input_size not in CONV1_PADDING:  # the sizes conv1 has a padding for
             raise ValueError(f"--input-size must be 224 or 227, not {self.input_size}")
         if self.batch_size > MAX_BATCH:
             raise ValueError(f"--batch-size {self.batch_size}: more than {MAX_BATCH} images per step")

@@ -241,9 +241,11 @@ def check_writable(path: str) -> None:
     os.remove(probe)
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str, chunk: int = 1 << 22, start: int = 0) -> str:
+    """sha256 of the file's bytes from `start` on."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -20,10 +20,11 @@ def check_out(path: str, image: bool = True) -> None:
         check_writable(path)
     except OSError as e:
         raise UsageError(f"{path}: cannot write into {folder} ({e.strerror})") from None
-    from matplotlib.backend_bases import FigureCanvasBase
-    kind = image_format(path)
-    if image and kind not in FigureCanvasBase.get_supported_filetypes():
-        raise UsageError(f"{path}: .{kind} is not an image format this can write (png, jpg, pdf, svg, ...)")
+    if image:
+        from matplotlib.backend_bases import FigureCanvasBase
+        kind = image_format(path)
+        if kind not in FigureCanvasBase.get_supported_filetypes():
+            raise UsageError(f"{path}: .{kind} is not an image format this can write (png, jpg, pdf, svg, ...)")
 
 
 def image_format(path: str) -> str:

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from model.errors import UsageError, command
+from pipeline.shards import sha256_file
 from tools.figures import check_out, open_model, save
 
 HEADER_BYTES = 4096  # the feature file's JSON header, padded; the float16 rows follow
@@ -69,16 +70,6 @@ def read_header(path: str) -> dict | None:
         return header if os.path.getsize(path) == expected else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def rows_digest(path: str, header: dict, chunk: int = 1 << 24) -> str:
-    """sha256 of the feature file's rows (everything after the header)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_features(path: str, header: dict) -> np.memmap:
@@ -136,7 +127,7 @@ def train_features(model, ckpt: dict, checkpoint: str, shards: str, loader, coun
     found = read_header(path)
     why = " (rebuilding: made for another checkpoint, shard set or count)" if found else ""
     if found is not None and all(found.get(k) == header[k] for k in ("checkpoint_digest", "dataset", "count", "dim")):
-        if found.get("rows_sha256") == rows_digest(path, found):  # one read of the file, far less than a pass
+        if found.get("rows_sha256") == sha256_file(path, start=HEADER_BYTES):  # one read, far less than a pass
             print(f"neighbours: reusing {path} ({count} x {dim} float16, this checkpoint and shard set)",
                   file=sys.stderr)
             return found

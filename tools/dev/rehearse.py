@@ -223,7 +223,7 @@ loader = make_loader(sys.argv[1], "train", batch_size=128, backend="dali", devic
 it = iter(loader)
 next(it)
 first = time.perf_counter() - t0
-n = 128 + sum(len(y) for _, y in it)
+n = 128 + (sum(len(y) for _, y in it) if sys.argv[2:] != ["first"] else 0)
 print("REHEARSAL " + json.dumps({"first_batch_s": round(first, 3), "images": n}))
 """
 
@@ -310,8 +310,7 @@ def shard_count_first_batch(out: str, shards_wanted: int, log: str) -> dict:
     merged = run_stage("merge", [*ms, "--merge", parts], base, log=log)
     verified = run_stage("verify_shards", [py, os.path.join("tools", "verify_shards.py"), shards], base, log=log)
     run_stage("compute_pca", [py, os.path.join("tools", "compute_pca.py"), shards, "--quiet"], base, log=log)
-    first = run_stage("loader first batch", [py, "-c", LOADER_EPOCH.replace("n = 128 + sum(len(y) for _, y in it)",
-                                                                            "n = 128"), shards], base, log=log)
+    first = run_stage("loader first batch", [py, "-c", LOADER_EPOCH, shards, "first"], base, log=log)
     shutil.rmtree(base, ignore_errors=True)
     return {"shards": shards_wanted, "make_shards_wall_s": made["wall_s"], "first_batch_s": first.get("first_batch_s"),
             "loader_process_wall_s": first["wall_s"], "merge_wall_s": merged["wall_s"],

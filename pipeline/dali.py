@@ -34,7 +34,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline import plan
-from pipeline.loader import KEPT_SHARDS, BatchRing, LoaderConfig, ShardLoader, cores_per_process
+from pipeline.loader import BatchRing, LoaderConfig, ShardLoader, cores_per_process, kept
 from pipeline.shards import JPEG_SOI, ShardError, error_text, iter_tar_samples, member_at
 
 DATA_OPS = ("fn.decoders.image",)  # errors of these are about the data (read errors are ShardErrors already)
@@ -93,6 +93,15 @@ def shard_pipeline(feed, gpu: bool, crop: str, shift, divisor, layout: str, hw_d
     return out, labels
 
 
+def _closed(m: mmap.mmap) -> bool:
+    """Closes a mapping unless a view of it is still alive (a batch DALI has not copied yet)."""
+    try:
+        m.close()
+    except BufferError:
+        return False
+    return True
+
+
 class DaliLoader(ShardLoader):
     def __init__(self, cfg: LoaderConfig):
         self._orders: dict[int, np.ndarray] = {}  # epoch -> this rank's order (the last two epochs; before
@@ -117,56 +126,47 @@ class DaliLoader(ShardLoader):
         self._ring = BatchRing(lambda: torch.cuda.Event(), limit=8) if self.gpu else None
 
     def _shard_bytes(self, shard: int) -> mmap.mmap:
-        if shard in self._maps:
-            self._maps.move_to_end(shard)
-            return self._maps[shard]
+        fresh = shard not in self._maps
+        data = kept(self._maps, shard, lambda: self._map(shard), self._unmapped.append)
+        if fresh:  # a mapping may have been let go: close every one DALI no longer views
+            self._unmapped = [m for m in self._unmapped if not _closed(m)]
+        return data
+
+    def _map(self, shard: int) -> mmap.mmap:
         path = self.shards[shard]["path"]
         try:
             with open(path, "rb") as f:
-                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise ShardError(f"{path}: cannot read ({e})") from None
-        while len(self._maps) > KEPT_SHARDS:
-            self._unmapped.append(self._maps.popitem(last=False)[1])
-        still = []
-        for m in self._unmapped:
-            try:
-                m.close()
-            except BufferError:  # a batch DALI has not copied yet still views it
-                still.append(m)
-        self._unmapped = still
-        return self._maps[shard]
 
     def _shard_columns(self, shard: int) -> tuple[list, list, list]:
         """(.jpg offsets, .jpg sizes, labels) of a shard's samples, read from its (verified) bytes once,
         so that the feed does a list lookup per sample. Each .jpg must open with the JPEG start marker:
         nvJPEG has crashed the process on bytes that do not."""
-        if shard in self._columns:
-            self._columns.move_to_end(shard)
-        else:
-            data, path = self._shard_bytes(shard), self.shards[shard]["path"]
-            offsets, sizes, classes = [], [], []
-            for entry in self.shard_entries(shard):
-                (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
-                for ext, o, n in (("jpg", off, size), ("cls", coff, csize)):  # the .idx (no checksum) agrees
-                    if member_at(data, o) != (f"{entry.key}.{ext}", n):      # with the verified tar
-                        raise ShardError(f"{path}: its .idx does not match the shard at sample {entry.key}.{ext} "
-                                         f"(the tar has {member_at(data, o)[0] or 'no member'!r} there); "
-                                         "run tools/verify_shards.py")
-                if data[off:off + 3] != JPEG_SOI:
-                    raise ShardError(f"{path}: sample {entry.key}: .jpg is not a JPEG "
-                                     f"(starts {bytes(data[off:off + 3]).hex()}, not ffd8ff)")
-                try:
-                    classes.append(int(data[coff:coff + csize]))
-                except ValueError:
-                    raise ShardError(f"{path}: sample {entry.key}: .cls is not a class index "
-                                     f"({bytes(data[coff:coff + csize])[:20]!r})") from None
-                offsets.append(off)
-                sizes.append(size)
-            self._columns[shard] = (offsets, sizes, classes)
-            while len(self._columns) > KEPT_SHARDS:
-                self._columns.popitem(last=False)
-        return self._columns[shard]
+        return kept(self._columns, shard, lambda: self._read_columns(shard))
+
+    def _read_columns(self, shard: int) -> tuple[list, list, list]:
+        data, path = self._shard_bytes(shard), self.shards[shard]["path"]
+        offsets, sizes, classes = [], [], []
+        for entry in self.shard_entries(shard):
+            (off, size), (coff, csize) = entry.member("jpg"), entry.member("cls")
+            for ext, o, n in (("jpg", off, size), ("cls", coff, csize)):  # the .idx (no checksum) agrees
+                if member_at(data, o) != (f"{entry.key}.{ext}", n):      # with the verified tar
+                    raise ShardError(f"{path}: its .idx does not match the shard at sample {entry.key}.{ext} "
+                                     f"(the tar has {member_at(data, o)[0] or 'no member'!r} there); "
+                                     "run tools/verify_shards.py")
+            if data[off:off + 3] != JPEG_SOI:
+                raise ShardError(f"{path}: sample {entry.key}: .jpg is not a JPEG "
+                                 f"(starts {bytes(data[off:off + 3]).hex()}, not ffd8ff)")
+            try:
+                classes.append(int(data[coff:coff + csize]))
+            except ValueError:
+                raise ShardError(f"{path}: sample {entry.key}: .cls is not a class index "
+                                 f"({bytes(data[coff:coff + csize])[:20]!r})") from None
+            offsets.append(off)
+            sizes.append(size)
+        return offsets, sizes, classes
 
     def _order(self, epoch: int) -> np.ndarray:
         """The plan's order, kept for this epoch and the last: the epoch's iteration and the feed

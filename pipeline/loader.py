@@ -20,6 +20,20 @@ from pipeline.verify import ShardVerifier
 KEPT_SHARDS = 8  # shards whose index (and, in the DALI loader, mapping) a loader keeps: it reads them in runs
 
 
+def kept(cache: collections.OrderedDict, shard: int, make, let_go=None):
+    """cache[shard], made by make() on first use; the last KEPT_SHARDS used are kept, and let_go(value) is
+    told of each one dropped."""
+    if shard in cache:
+        cache.move_to_end(shard)
+        return cache[shard]
+    value = cache[shard] = make()
+    while len(cache) > KEPT_SHARDS:
+        dropped = cache.popitem(last=False)[1]
+        if let_go is not None:
+            let_go(dropped)
+    return value
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     shards_dir: str
@@ -145,18 +159,15 @@ class ShardLoader:
     def shard_entries(self, shard: int) -> list:
         """The index entries of one shard (pipeline/shards.py IndexEntry), parsed on first use and checked
         against the manifest and the tar's size; the last KEPT_SHARDS are kept."""
-        if shard in self._entries:
-            self._entries.move_to_end(shard)
-            return self._entries[shard]
+        return kept(self._entries, shard, lambda: self._read_entries(shard))
+
+    def _read_entries(self, shard: int) -> list:
         s = self.shards[shard]
         entries = read_index(s["index"])
         end = max((off + size for e in entries for _, off, size in e.members), default=0)
         if len(entries) != s["samples"] or os.path.getsize(s["path"]) < end:
             raise ShardError(f"{s['path']}: truncated or does not match its index "
                              f"({len(entries)} indexed, manifest says {s['samples']})")
-        self._entries[shard] = entries
-        while len(self._entries) > KEPT_SHARDS:
-            self._entries.popitem(last=False)
         return entries
 
     def set_epoch(self, epoch: int) -> None:

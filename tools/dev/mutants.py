@@ -140,8 +140,8 @@ MUTANTS = (
            (f"{T}::test_a_flipped_byte_outside_the_tensors_is_refused",)),
     Mutant("evaluate counts the classes only", "model/checkpoint.py", '    if ckpt["wnids"] != wnids:', "    if False:",
            (f"{T}::test_evaluate_refuses_shards_of_other_classes_with_the_same_count",)),
-    Mutant("the .idx trusted", "pipeline/dali.py", '                    if member_at(data, o) != (f"{entry.key}.{ext}", n):',
-           "                    if False:", (f"{P}::test_a_rotated_index_label_column_is_refused",)),
+    Mutant("the .idx trusted", "pipeline/dali.py", '                if member_at(data, o) != (f"{entry.key}.{ext}", n):',
+           "                if False:", (f"{P}::test_a_rotated_index_label_column_is_refused",)),
     Mutant("pca.json of another shard set", "pipeline/normalization.py", "        if source != manifest_sha:",
            "        if False:", (f"{T}::test_bad_input_one_line_nothing_overwritten",)),
     # shard integrity in the loaders
